@@ -1,0 +1,55 @@
+"""The ``needlework`` command: a thin dispatcher over sub-commands.
+
+Each sub-command lives in its own module and is imported only when used, so ``needlework --help``
+stays fast (lightning alone takes seconds to import). A sub-command module exposes
+``main(argv: list[str]) -> int``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Training verbs go to LightningCLI.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("needlework.training.cli", "train a model from a YAML config (LightningCLI)"),
+    "validate": ("needlework.training.cli", "evaluate a checkpoint on the validation split"),
+    "test": ("needlework.training.cli", "evaluate a checkpoint on the test split"),
+    "predict": ("needlework.training.cli", "run a checkpoint on the predict split"),
+    "demo": ("needlework.demo", "train the dense baseline on needle-MNIST and write a report"),
+    "list": ("needlework.listing", "list registered models, datasets and encoders"),
+}
+
+LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: needlework <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'needlework <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from needlework import __version__
+
+        print(f"needlework {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"needlework: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    # LightningCLI reads the verb itself; other commands get the arguments after their name.
+    result = module.main(argv if name in LIGHTNING_VERBS else argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

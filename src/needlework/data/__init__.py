@@ -1,0 +1,5 @@
+"""Datasets and digit sources. Importing this package registers every built-in dataset."""
+
+from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
+
+__all__ = ["DataSourceError", "DigitPool", "digit_pool"]

@@ -1,0 +1,5 @@
+"""Models. Importing this package registers every built-in model (one import line per module)."""
+
+from needlework.models.base import NeedleworkModel, route_batch
+
+__all__ = ["NeedleworkModel", "route_batch"]
