@@ -16,8 +16,11 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from needlework.checks import check_shape
+
+IMPLS = ("grid_sample", "gather")
 
 
 def bilinear_sample(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,24 @@ def bilinear_sample(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
             vals = flat.gather(2, idx)  # (B, C, N)
             out = out + vals * (wx * wy * inside)[:, None, :]
     return out.transpose(1, 2)
+
+
+def sample_points(image: torch.Tensor, points: torch.Tensor, impl: str = "grid_sample") -> torch.Tensor:
+    """Bilinear values ``(B, N, C)`` of ``image (B, C, H, W)`` at continuous ``points (B, N, 2)``.
+
+    ``impl="grid_sample"`` (default, fastest on CPU) calls ``F.grid_sample`` with ``u = 2x / W − 1``;
+    ``impl="gather"`` is :func:`bilinear_sample` (explicit four-neighbour gather). Both give the same values.
+    """
+    if impl == "gather":
+        return bilinear_sample(image, points)
+    if impl != "grid_sample":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    b, _, h, w = check_shape(image, ["B", "C", "H", "W"], "image").values()
+    check_shape(points, [str(b), "N", "2"], "points")
+    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=image.dtype, device=image.device)
+    grid = (points.to(image.dtype) * scale - 1.0)[:, None]  # (B, 1, N, 2)
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[:, :, 0].transpose(1, 2)
 
 
 def _sizes_wh(sizes: torch.Tensor, b: int, k: int) -> torch.Tensor:
@@ -85,6 +106,7 @@ def sample_patches(
     centres: torch.Tensor,
     sizes: torch.Tensor,
     patch_size: int | tuple[int, int],
+    impl: str = "grid_sample",
 ) -> torch.Tensor:
     """S: crop and resample one ``patch_size`` patch per box (bilinear, zeros outside the image).
 
@@ -93,6 +115,7 @@ def sample_patches(
         centres: ``(B, K, 2)`` box centres ``(x, y)``.
         sizes: ``(B, K)`` square sides or ``(B, K, 2)`` ``(w, h)`` in pixels.
         patch_size: output side ``P`` or ``(ph, pw)``.
+        impl: ``"grid_sample"`` or ``"gather"`` (see :func:`sample_points`).
 
     Returns:
         ``(B, K, C, ph, pw)``, differentiable w.r.t. ``image``, ``centres`` and ``sizes``.
@@ -100,7 +123,7 @@ def sample_patches(
     b, c, _, _ = check_shape(image, ["B", "C", "H", "W"], "image").values()
     grid = patch_grid(centres.to(image.dtype), sizes, patch_size)  # (B, K, ph, pw, 2)
     _, k, ph, pw, _ = grid.shape
-    vals = bilinear_sample(image, grid.reshape(b, k * ph * pw, 2))  # (B, K·ph·pw, C)
+    vals = sample_points(image, grid.reshape(b, k * ph * pw, 2), impl)  # (B, K·ph·pw, C)
     return vals.reshape(b, k, ph, pw, c).permute(0, 1, 4, 2, 3)
 
 
@@ -110,6 +133,7 @@ def paste_patches(
     sizes: torch.Tensor,
     image_size: tuple[int, int],
     reduce: str = "sum",
+    impl: str = "grid_sample",
 ) -> torch.Tensor:
     """S⁻¹: place each patch back into an image at its box (bilinear, zero outside the box).
 
@@ -122,6 +146,7 @@ def paste_patches(
         centres, sizes: boxes as in :func:`sample_patches`.
         image_size: ``(H, W)`` of the output.
         reduce: ``"sum"`` → ``(B, C, H, W)``; ``"none"`` → ``(B, K, C, H, W)`` per-patch layers.
+        impl: ``"grid_sample"`` or ``"gather"`` (see :func:`sample_points`).
     """
     b, k, c, ph, pw = check_shape(patches, ["B", "K", "C", "PH", "PW"], "patches").values()
     check_shape(centres, [str(b), str(k), "2"], "centres")
@@ -133,7 +158,7 @@ def paste_patches(
     u = (xs[None, None, :] - cx[..., None] + wh[..., 0, None] / 2) * (pw / wh[..., 0, None])  # (B, K, W)
     v = (ys[None, None, :] - cy[..., None] + wh[..., 1, None] / 2) * (ph / wh[..., 1, None])  # (B, K, H)
     pts = torch.stack(torch.broadcast_tensors(u[..., None, :], v[..., :, None]), dim=-1)  # (B, K, H, W, 2)
-    layers = bilinear_sample(patches.reshape(b * k, c, ph, pw), pts.reshape(b * k, h * w, 2))
+    layers = sample_points(patches.reshape(b * k, c, ph, pw), pts.reshape(b * k, h * w, 2), impl)
     layers = layers.reshape(b, k, h, w, c).permute(0, 1, 4, 2, 3)
     if reduce == "sum":
         return layers.sum(dim=1)

@@ -29,7 +29,6 @@ import lightning as L
 import torch
 
 from needlework.metrics.detection import DetectionMetrics, reconstruction_rmse
-from needlework.mist.ideal import ideal_heatmap
 from needlework.mist.visualize import draw_detections
 from needlework.registry import create_model
 
@@ -142,10 +141,9 @@ class MISTTask(L.LightningModule):
         task_loss: torch.Tensor,
     ) -> torch.Tensor:
         """Weighted regression of the heatmaps ``(B, S, H, W)`` onto ``G(centres, scales)``."""
-        target = ideal_heatmap(
+        target = self.model.target_heatmaps(
             centres,
             scales,
-            self.model.scales,
             tuple(heatmaps.shape[-2:]),
             self.hparams.target,
             self.hparams.target_sigma * sizes,
