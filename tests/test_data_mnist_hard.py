@@ -38,7 +38,7 @@ def test_mnist_hard_item_contract():
         item = ds[i]
         img, boxes, labels, kp = item["image"], item["boxes"], item["box_labels"], item["keypoints"]
         assert img.shape == (1, 80, 80) and img.dtype == torch.float32
-        assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
+        assert img.min() >= 0.0 and img.max() <= 1.0 and img.max() > 0.5
         assert boxes.shape == (9, 4) and labels.shape == (9,) and (labels >= 0).all() and (labels < 10).all()
         assert ((boxes[:, 2:] - boxes[:, :2]) == 20).all()
         assert (boxes >= 0).all() and (boxes <= 80).all()
