@@ -25,24 +25,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from needlework.metrics.detection import DetectionMetrics, reconstruction_rmse
 from needlework.mist.visualize import draw_detections
-from needlework.registry import create_model
+from needlework.training.task import ClassificationTask
 
 STEPS = ("keypoints", "task", "detector")
 
 
-class MISTTask(L.LightningModule):
+class MISTTask(ClassificationTask):
     """Manual-optimisation training of MIST (``model="mist"``) or a baseline (``"mist.channelwise"``,
     ``"mist.grid"``) on batches with keys ``image``, ``label`` (per-class counts), ``boxes``, ``box_labels``.
 
+    A :class:`~needlework.training.ClassificationTask` (so LightningCLI accepts it by ``class_path``) whose
+    optimisation, metrics and evaluation are its own; its ``optimizer`` / ``scheduler`` options are unused.
+
     Args:
         model: registry name of the model.
-        model_kwargs: keyword arguments of the model.
-        num_classes: optional; forwarded to the model when given.
+        model_kwargs: keyword arguments of the model (without ``num_classes``).
+        num_classes: classes of the task network (10 digits; ignored by the reconstruction task).
         lr: Adam learning rate of the task network (1e-4).
         detector_lr: Adam learning rate of the heatmap network (1e-4).
         weight_decay: Adam weight decay of both networks.
@@ -62,7 +64,7 @@ class MISTTask(L.LightningModule):
         self,
         model: str = "mist",
         model_kwargs: dict[str, Any] | None = None,
-        num_classes: int | None = None,
+        num_classes: int = 10,
         lr: float = 1e-4,
         detector_lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -77,12 +79,12 @@ class MISTTask(L.LightningModule):
         figure_dir: str | None = None,
         n_figure: int = 8,
     ) -> None:
-        super().__init__()
+        if "num_classes" in (model_kwargs or {}):
+            raise ValueError("give num_classes as an argument of MISTTask, not inside model_kwargs")
+        super().__init__(
+            model=model, model_kwargs=model_kwargs, num_classes=num_classes, lr=lr, weight_decay=weight_decay
+        )
         self.save_hyperparameters()
-        kwargs = dict(model_kwargs or {})
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        self.model = create_model(model, **kwargs)
         if sorted(step_order) != sorted(STEPS):
             raise ValueError(f"step_order must be a permutation of {STEPS}, got {list(step_order)}")
         if target not in ("single_point", "gaussian"):
@@ -256,6 +258,9 @@ class MISTTask(L.LightningModule):
             scores=fb["scores"],
             title=f"{stage}: {title}",
         )
+
+    def on_train_epoch_end(self) -> None:
+        pass  # training metrics are logged per step
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
