@@ -85,11 +85,12 @@ def test_lifting_step_lowers_the_task_loss_and_honours_the_cap():
         with torch.no_grad():
             return task.model.task_loss(task.model.run_task(image, c, sizes), image, counts).sum()
 
-    lifted = task.lift_keypoints(image, counts, c0, sizes)
+    lifted, same_sizes = task.lift_keypoints(image, counts, c0, sizes)
+    assert torch.equal(same_sizes, sizes)  # sizes stay fixed unless lift_scales
     assert not torch.equal(lifted, c0)
     assert loss(lifted) < loss(c0)
     capped, _ = make_task(keypoint_lr=1e6, keypoint_steps=2, keypoint_max_step=0.75)
-    moved = capped.lift_keypoints(image, counts, c0, sizes)
+    moved, _ = capped.lift_keypoints(image, counts, c0, sizes)
     assert (moved - c0).norm(dim=-1).max() <= 2 * 0.75 + 1e-5
 
 
@@ -176,3 +177,18 @@ def test_evaluation_logs_detection_metrics_and_writes_png(tmp_path):
     assert (tmp_path / "detections_test.png").stat().st_size > 1000
     preds = trainer.predict(task, loader)
     assert preds[0]["boxes"].shape == (4, 2, 4)
+
+
+def test_multiscale_lifting_updates_sizes_within_the_scale_range():
+    torch.manual_seed(2)
+    kw = {**TINY, **TINY_DETECTOR, "scales": [0.75, 1.0, 1.25]}
+    task = MISTTask("mist", kw, keypoint_lr=50.0, lift_scales=True, lr=3e-3, detector_lr=3e-3)
+    batch = torch.utils.data.default_collate([tiny_digits(4)[i] for i in range(4)])
+    loc = task.model.locate(batch["image"])
+    assert loc["heatmaps"].shape[1] == 3
+    assert ((loc["scales"] >= 0.75) & (loc["scales"] <= 1.25)).all()
+    _, sizes = task.lift_keypoints(batch["image"], batch["label"], loc["centres"], loc["sizes"])
+    assert not torch.equal(sizes, loc["sizes"])
+    assert ((sizes >= 0.75 * 16 - 1e-5) & (sizes <= 1.25 * 16 + 1e-5)).all()
+    rec = fit(task, tiny_digits(16), batches=2)
+    assert "train/detector_loss" in rec.rows[-1]

@@ -6,7 +6,8 @@ Per batch, in ``step_order`` (reference order by default):
    of size ``keypoint_lr`` on the task loss w.r.t. the keypoint centres only (task network fixed, box sizes
    fixed). The loss is *summed* over the batch, so the step does not depend on the batch size (the reference
    averages it; multiply its ``lr_k`` by 1/B to compare). ``keypoint_max_step`` optionally caps each
-   keypoint's move per step (pixels).
+   keypoint's move per step (pixels). With ``lift_scales`` the box sizes are lifted too (scale = size /
+   anchor, clamped to the heatmap scales).
 2. ``"task"`` — one optimiser step of the task network on patches at the current keypoints.
 3. ``"detector"`` — one optimiser step of the heatmap network regressing the ideal heatmap ``G(x_k)``,
    weighted per image by ``exp(−loss_weight_temperature · L_task)``.
@@ -51,6 +52,8 @@ class MISTTask(ClassificationTask):
         keypoint_lr: step size of the keypoint lifting (pixels per unit gradient of the summed loss).
         keypoint_steps: number of lifting steps (``k_iter = 2``).
         keypoint_max_step: optional cap on each keypoint's move per step, in pixels.
+        lift_scales: also lift the box sizes (multi-scale heatmaps: G then splits each keypoint between
+            the two nearest scales); ``scale_lr`` is their step size (default ``keypoint_lr``).
         step_order: permutation of ``("keypoints", "task", "detector")``.
         target: ideal heatmap ``"single_point"`` or ``"gaussian"``; ``target_sigma`` is the Gaussian std as
             a fraction of the box side (0.125 as the reference).
@@ -71,6 +74,8 @@ class MISTTask(ClassificationTask):
         keypoint_lr: float = 1e3,
         keypoint_steps: int = 2,
         keypoint_max_step: float | None = None,
+        lift_scales: bool = False,
+        scale_lr: float | None = None,
         step_order: Sequence[str] = STEPS,
         target: str = "single_point",
         target_sigma: float = 0.125,
@@ -114,25 +119,34 @@ class MISTTask(ClassificationTask):
     # -- the three steps -----------------------------------------------------------------------
     def lift_keypoints(
         self, image: torch.Tensor, counts: torch.Tensor | None, centres: torch.Tensor, sizes: torch.Tensor
-    ) -> torch.Tensor:
-        """Keypoint lifting: gradient steps on the task loss w.r.t. the centres ``(B, K, 2)`` only."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keypoint lifting: gradient steps on the task loss w.r.t. the centres ``(B, K, 2)`` (and the box
+        sizes ``(B, K)`` with ``lift_scales``). Returns the detached ``(centres, sizes)``."""
         h, w = image.shape[-2:]
-        x = centres.detach().clone()
-        for _ in range(self.hparams.keypoint_steps):
+        hp = self.hparams
+        x, s = centres.detach().clone(), sizes.detach().clone()
+        scales = getattr(self.model, "scales", [1.0])
+        s_lo, s_hi = self.model.anchor * min(scales), self.model.anchor * max(scales)
+        for _ in range(hp.keypoint_steps):
             x.requires_grad_(True)
+            s.requires_grad_(hp.lift_scales)
             with torch.enable_grad():
-                out = self.model.run_task(image, x, sizes)
+                out = self.model.run_task(image, x, s)
                 loss = self.model.task_loss(out, image, counts).sum()
-                (grad,) = torch.autograd.grad(loss, x)
-            step = self.hparams.keypoint_lr * grad
-            cap = self.hparams.keypoint_max_step
-            if cap:
+                grads = torch.autograd.grad(loss, [x, s] if hp.lift_scales else [x])
+            step = hp.keypoint_lr * grads[0]
+            if hp.keypoint_max_step:
                 norm = step.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                step = step * (cap / norm).clamp(max=1.0)
+                step = step * (hp.keypoint_max_step / norm).clamp(max=1.0)
             x = x.detach() - step
             x[..., 0].clamp_(0, w)
             x[..., 1].clamp_(0, h)
-        return x.detach()
+            if hp.lift_scales:
+                ds = (hp.scale_lr or hp.keypoint_lr) * grads[1]
+                if hp.keypoint_max_step:
+                    ds = ds.clamp(-hp.keypoint_max_step, hp.keypoint_max_step)
+                s = (s.detach() - ds).clamp(s_lo, s_hi)
+        return x.detach(), s.detach()
 
     def detector_loss(
         self,
@@ -175,7 +189,8 @@ class MISTTask(ClassificationTask):
         logs: dict[str, torch.Tensor] = {}
         for step in self.step_order:
             if step == "keypoints":
-                centres = self.lift_keypoints(image, counts, centres, sizes)
+                centres, sizes = self.lift_keypoints(image, counts, centres, sizes)
+                scales = sizes / self.model.anchor
                 per_image = None
             elif step == "task":
                 out = self.model.run_task(image, centres, sizes)
