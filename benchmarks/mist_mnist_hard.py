@@ -56,11 +56,31 @@ PRESETS = {
 }
 
 
+class Progress(L.Callback):
+    """Print the training losses every ``every`` batches (to follow a run without a progress bar)."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.start = every, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every and trainer.fit_loop.total_batch_idx % self.every == 0:
+            logs = {
+                k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+            }
+            print(
+                f"  batch {trainer.fit_loop.total_batch_idx} {time.perf_counter() - self.start:.0f}s {logs}"
+            )
+
+
 def run_method(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     preset = PRESETS[args.preset]
     figures = str(Path(args.figure_dir) / name)
-    task = MISTTask(name, {"k": 9, "anchor": 20.0, **preset[name]}, figure_dir=figures, **preset["task"])
+    task_kw = dict(preset["task"])
+    for key in ("lr", "detector_lr", "keypoint_lr"):
+        if getattr(args, key) is not None:
+            task_kw[key] = getattr(args, key)
+    task = MISTTask(name, {"k": 9, "anchor": 20.0, **preset[name]}, figure_dir=figures, **task_kw)
     data = dict(canvas=80, n_digits=9, digit_size=20, min_distance=14.0, seed=args.seed)
     loader = torch.utils.data.DataLoader
     train = loader(
@@ -79,6 +99,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=1,
+        callbacks=[Progress(args.print_every)],
     )
     start = time.perf_counter()
     trainer.fit(task, train, val)
@@ -109,6 +130,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=4.5, help="training time budget per method")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="override the preset's task-network lr")
+    p.add_argument("--detector-lr", dest="detector_lr", type=float, default=None)
+    p.add_argument("--keypoint-lr", dest="keypoint_lr", type=float, default=None)
+    p.add_argument("--print-every", type=int, default=10, help="progress line every N batches (0: off)")
     p.add_argument("--figure-dir", default="runs/mist_benchmark")
     p.add_argument("--out", default="benchmarks/results/mist_mnist_hard.json")
     args = p.parse_args()

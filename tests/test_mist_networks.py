@@ -63,3 +63,19 @@ def test_task_networks_shapes(p):
     assert rec.shape == (3, 2, p, p) and (rec >= 0).all() and (rec <= 1).all()
     with pytest.raises(ValueError, match="divisible by 4"):
         PatchAutoencoder(1, 18)
+
+
+def test_histogram_losses_hand_values_and_zero_at_the_target():
+    from needlework.mist import histogram_kl_loss, histogram_loss
+
+    counts = torch.tensor([[2, 1, 0]])
+    perfect = torch.tensor([[[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]]])
+    uniform = torch.full((1, 3, 3), 1 / 3)
+    assert histogram_loss(perfect, counts).item() == pytest.approx(0.0)
+    assert histogram_kl_loss(perfect, counts).item() == pytest.approx(0.0, abs=1e-6)
+    h = torch.tensor([2 / 3, 1 / 3, 0.0])
+    assert histogram_loss(uniform, counts).item() == pytest.approx(0.5 * ((h - 1 / 3) ** 2).sum().item())
+    want = (2 / 3) * torch.log(torch.tensor(2.0)) + (1 / 3) * 0.0  # Σ h log(h / (1/3))
+    assert histogram_kl_loss(uniform, counts).item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        histogram_loss(uniform, torch.zeros(1, 3, dtype=torch.long))

@@ -10,7 +10,7 @@ Operators (pure tensors): :func:`local_spatial_softmax`, :func:`pool_scales`, :f
 from needlework.mist.baselines import ChannelwiseMIST, GridMIST
 from needlework.mist.heatmap import Keypoints, extract_keypoints, local_spatial_softmax, nms, pool_scales
 from needlework.mist.ideal import ideal_heatmap, scale_split
-from needlework.mist.losses import histogram_loss, reconstruction_loss
+from needlework.mist.losses import histogram_kl_loss, histogram_loss, reconstruction_loss
 from needlework.mist.model import MIST, PatchTaskModel
 from needlework.mist.networks import (
     HeatmapNet,
@@ -34,6 +34,7 @@ __all__ = [
     "bilinear_sample",
     "boxes_xyxy",
     "extract_keypoints",
+    "histogram_kl_loss",
     "histogram_loss",
     "ideal_heatmap",
     "local_spatial_softmax",

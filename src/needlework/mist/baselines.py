@@ -51,6 +51,7 @@ class ChannelwiseMIST(PatchTaskModel):
         classifier_blocks: int = 3,
         latent_dim: int = 32,
         ae_width: int = 16,
+        class_loss: str = "l2",
     ) -> None:
         super().__init__(
             task,
@@ -63,6 +64,7 @@ class ChannelwiseMIST(PatchTaskModel):
             classifier_blocks,
             latent_dim,
             ae_width,
+            class_loss,
         )
         self.heatmap_net = HeatmapNet(in_channels, self.k, heatmap_width, heatmap_blocks)
         self.temperature = float(temperature)
@@ -99,6 +101,7 @@ class GridMIST(PatchTaskModel):
         classifier_blocks: int = 3,
         latent_dim: int = 32,
         ae_width: int = 16,
+        class_loss: str = "l2",
     ) -> None:
         g = math.isqrt(k)
         if g * g != k:
@@ -114,6 +117,7 @@ class GridMIST(PatchTaskModel):
             classifier_blocks,
             latent_dim,
             ae_width,
+            class_loss,
         )
         self.grid, self.cell_boxes = g, bool(cell_boxes)
 

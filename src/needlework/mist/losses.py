@@ -38,6 +38,20 @@ def histogram_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return 0.5 * (target - probs.mean(dim=1)).pow(2).sum(dim=1)
 
 
+def histogram_kl_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the predicted class histogram from the label histogram, per image:
+    ``Σ_c h_c log(h_c / ((1/K) Σ_k p̂_kc))`` (learning-from-label-proportions style; not the paper's eq. 9).
+
+    Same arguments as :func:`histogram_loss`; returns ``(B,)``, 0 for a perfect histogram. Its gradients do
+    not vanish when the predictions are near uniform, so a classifier starts discriminating sooner.
+    """
+    b, _, c = check_shape(probs, ["B", "K", "C"], "probs").values()
+    check_shape(counts, [str(b), str(c)], "counts")
+    target = class_histogram(counts).to(probs.dtype)
+    log_ratio = target.clamp_min(1e-12).log() - probs.mean(dim=1).clamp_min(1e-8).log()
+    return (target * log_ratio).sum(dim=1)
+
+
 def reconstruction_loss(reconstruction: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Per-image mean squared error ``(B,)`` between the re-synthesised and the input image (eq. 8)."""
     if reconstruction.shape != image.shape:

@@ -28,13 +28,14 @@ from torch import nn
 from needlework.checks import check_shape
 from needlework.mist.heatmap import extract_keypoints
 from needlework.mist.ideal import ideal_heatmap
-from needlework.mist.losses import histogram_loss, reconstruction_loss
+from needlework.mist.losses import histogram_kl_loss, histogram_loss, reconstruction_loss
 from needlework.mist.networks import HeatmapNet, MultiScaleHeatmap, PatchAutoencoder, PatchClassifier
 from needlework.mist.sampler import boxes_xyxy, paste_patches, sample_patches
 from needlework.models.base import NeedleworkModel
 from needlework.registry import register_model
 
 TASKS = ("classification", "reconstruction")
+HISTOGRAM_LOSSES = {"l2": histogram_loss, "kl": histogram_kl_loss}
 
 
 class PatchTaskModel(NeedleworkModel):
@@ -52,6 +53,8 @@ class PatchTaskModel(NeedleworkModel):
         anchor: box side in image pixels at scale 1 (0.25 · 80 = 20 for MNIST-hard).
         classifier_widths, classifier_blocks: :class:`PatchClassifier` levels and blocks per level.
         latent_dim, ae_width: :class:`PatchAutoencoder` code size and width.
+        class_loss: ``"l2"`` (paper eq. 9, default) or ``"kl"`` (cross-entropy of the histograms, see
+            :func:`~needlework.mist.losses.histogram_kl_loss`).
     """
 
     training_mode = "task_only"
@@ -68,12 +71,16 @@ class PatchTaskModel(NeedleworkModel):
         classifier_blocks: int = 3,
         latent_dim: int = 32,
         ae_width: int = 16,
+        class_loss: str = "l2",
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if class_loss not in HISTOGRAM_LOSSES:
+            raise ValueError(f"class_loss must be one of {sorted(HISTOGRAM_LOSSES)}, got {class_loss!r}")
+        self.class_loss = class_loss
         self.task, self.num_classes, self.k = task, int(num_classes), int(k)
         self.patch_size, self.anchor = int(patch_size), float(anchor)
         if task == "classification":
@@ -113,7 +120,7 @@ class PatchTaskModel(NeedleworkModel):
         if self.task == "classification":
             if counts is None:
                 raise KeyError("the classification task needs per-class counts (batch key 'label')")
-            return histogram_loss(out["probs"], counts)
+            return HISTOGRAM_LOSSES[self.class_loss](out["probs"], counts)
         return reconstruction_loss(out["reconstruction"], image)
 
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -129,7 +136,7 @@ class PatchTaskModel(NeedleworkModel):
 
     def compute_loss(self, output: dict[str, Any], target: torch.Tensor, class_weight=None):
         """Mean class-histogram loss against per-class counts ``target (B, C)`` (classification only)."""
-        loss = histogram_loss(output["probs"], target).mean()
+        loss = HISTOGRAM_LOSSES[self.class_loss](output["probs"], target).mean()
         return loss, {"task": loss}
 
 
@@ -169,6 +176,7 @@ class MIST(PatchTaskModel):
         classifier_blocks: int = 3,
         latent_dim: int = 32,
         ae_width: int = 16,
+        class_loss: str = "l2",
     ) -> None:
         super().__init__(
             task,
@@ -181,6 +189,7 @@ class MIST(PatchTaskModel):
             classifier_blocks,
             latent_dim,
             ae_width,
+            class_loss,
         )
         if heatmap_stride < 1:
             raise ValueError(f"heatmap_stride must be >= 1, got {heatmap_stride}")
