@@ -116,7 +116,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         "test_seconds": round(time.perf_counter() - start - train_s, 1),
         "train_batches": batches,
         "train_images_seen": batches * args.batch_size,
-        "epochs_completed": trainer.current_epoch,
+        "epochs": round(batches / len(train), 2),
         **{k.removeprefix("test/"): float(v) for k, v in res.items()},
         "paper_detection_classification_both": None if untrained else PAPER[name],
     }
