@@ -1,0 +1,26 @@
+"""Differentiable top-K selection by perturbed optimisers, and patch extraction from indicators.
+
+``perturbed_topk(scores, k, sigma, n_samples)`` returns soft indicators ``(B, k, N)`` whose backward is
+the correct outer-product Jacobian ``E[Y Zᵀ]/σ`` computed from the sampled indices only
+(METHODS.md §4); :class:`PerturbedTopK` is the module form with σ schedules.
+"""
+
+from needlework.topk.module import SCHEDULES, PerturbedTopK, scheduled_sigma
+from needlework.topk.perturbed import (
+    JACOBIANS,
+    hard_topk,
+    normalize_scores,
+    perturbed_topk,
+    sorted_topk_indices,
+)
+
+__all__ = [
+    "JACOBIANS",
+    "SCHEDULES",
+    "PerturbedTopK",
+    "hard_topk",
+    "normalize_scores",
+    "perturbed_topk",
+    "scheduled_sigma",
+    "sorted_topk_indices",
+]
