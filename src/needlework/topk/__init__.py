@@ -6,6 +6,14 @@ the correct outer-product Jacobian ``E[Y Zᵀ]/σ`` computed from the sampled in
 """
 
 from needlework.topk.module import SCHEDULES, PerturbedTopK, scheduled_sigma
+from needlework.topk.patches import (
+    cell_coords,
+    extract_patches,
+    grid_coords,
+    hard_patches,
+    soft_patches,
+    support_indices,
+)
 from needlework.topk.perturbed import (
     JACOBIANS,
     hard_topk,
@@ -18,9 +26,15 @@ __all__ = [
     "JACOBIANS",
     "SCHEDULES",
     "PerturbedTopK",
+    "cell_coords",
+    "extract_patches",
+    "grid_coords",
+    "hard_patches",
     "hard_topk",
     "normalize_scores",
     "perturbed_topk",
     "scheduled_sigma",
+    "soft_patches",
     "sorted_topk_indices",
+    "support_indices",
 ]
