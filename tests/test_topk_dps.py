@@ -136,7 +136,8 @@ def test_wrong_channels_raise_naming_the_input():
         DPS(**SMALL)(torch.rand(1, 1, 16, 16))
 
 
-def test_training_decreases_the_loss_on_a_toy_needle_task():
+def test_training_finds_the_needle_on_a_toy_task():
+    """One bar among 64 cells; σ decays linearly from 1 (exploration) to 0.05 over the 40 steps."""
     torch.manual_seed(0)
     m = DPS(
         num_classes=2,
@@ -144,19 +145,19 @@ def test_training_decreases_the_loss_on_a_toy_needle_task():
         patch_size=8,
         k=2,
         n_samples=32,
-        sigma=0.1,
+        sigma=1.0,
+        sigma_schedule="linear",
+        total_steps=40,
+        sigma_end=0.05,
         low_scale=0.5,
         dim=32,
         n_heads=2,
         encoder=dict(widths=(16, 32), strides=(1, 2)),
         aggregation="max",
     )
-    batches = []
-    for seed in range(4):
-        x, y = bars_batch(16, seed=seed)
-        batches.append((dict(x_high=x), y))
+    batches = [(dict(x_high=x), y) for x, y in (bars_batch(16, seed=s) for s in range(40))]
     losses = train_losses(m, batches, steps=40)
-    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
-    x, y = bars_batch(100, seed=99)  # held-out images: the selection generalises
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
+    x, y = bars_batch(100, seed=99)  # held-out images, hard top-K at evaluation
     accuracy = (m.predict(x_high=x)["logits"].argmax(-1) == y).float().mean()
     assert accuracy > 0.8
