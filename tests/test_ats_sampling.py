@@ -113,8 +113,11 @@ def test_cells_to_offsets_same_padding_centres_patches():
 
 def test_cells_to_offsets_receptive_field_and_rectangular():
     # valid convs lose RF=2 low pixels: a 4-wide low view gives a 2-wide map covering low cols 1..2
-    off = cells_to_offsets(torch.tensor([[0, 1]]), (1, 2), (3, 4), (30, 40), patch_size=(6, 10), receptive_field=2)
-    # r = 10; step = (4 - 2) * 10 / 2 = 10; centre x = 10 + c*10 + 5; rows: r=10, step=(3-2)*10=10 → y centre 15
+    off = cells_to_offsets(
+        torch.tensor([[0, 1]]), (1, 2), (3, 4), (30, 40), patch_size=(6, 10), receptive_field=2
+    )
+    # r = 10; step = (4 - 2) * 10 / 2 = 10; centre x = 10 + c*10 + 5
+    # rows: r = 10, step = (3 - 2) * 10 = 10 → y centre 15
     assert off.tolist() == [[[10, 12], [20, 12]]]
 
 

@@ -6,7 +6,8 @@ and features ``f_{q_k}`` computed only there, :func:`expectation` returns an unb
 (METHODS §2.2–2.4). With weights ``w`` (default ``1/n``), ``π_k = 1 − Σ_{j<k} a_{q_j}`` the mass left
 before step ``k`` and ``g`` the upstream gradient:
 
-* with replacement: ``F = Σ_k w_k f_{q_k}``; ``∂/∂f_{q_k} = w_k g``; ``∂/∂a_{q_k} = w_k ⟨g, f_{q_k}⟩ / a_{q_k}``.
+* with replacement: ``F = Σ_k w_k f_{q_k}``; ``∂/∂f_{q_k} = w_k g``;
+  ``∂/∂a_{q_k} = w_k ⟨g, f_{q_k}⟩ / a_{q_k}``.
 * without replacement (indices in sampling order): ``F = Σ_k w_k (Σ_{j<k} a_{q_j} f_{q_j} + π_k f_{q_k})``;
   ``∂/∂f_{q_k} = (w_k π_k + a_{q_k} Σ_{i>k} w_i) g``;
   ``∂/∂a_{q_k} = ⟨g, f_{q_k}⟩ (Σ_{i>k} w_i + w_k π_k / a_{q_k})``.

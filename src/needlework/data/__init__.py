@@ -1,5 +1,6 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 
-__all__ = ["DataSourceError", "DigitPool", "digit_pool"]
+__all__ = ["DataSourceError", "DigitPool", "MegapixelMNIST", "MegapixelMNISTIPS", "digit_pool"]
