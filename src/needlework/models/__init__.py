@@ -1,14 +1,22 @@
 """Models. Importing this package registers every built-in model (one import line per module)."""
 
 from needlework.models.ats import ATSClassifier, AttentionSampling
+from needlework.models.bagnet import BagNetEncoder, DenseClassifier, receptive_field
 from needlework.models.base import NeedleworkModel, route_batch
-from needlework.models.megapixel_mnist import AttentionMILClassifier, DenseClassifier
+from needlework.models.megapixel_mnist import AttentionMILClassifier, DenseCNNClassifier
+from needlework.models.pooling import AttentionPool, create_pooling, flatten_map
 
 __all__ = [
     "ATSClassifier",
     "AttentionMILClassifier",
+    "AttentionPool",
     "AttentionSampling",
+    "BagNetEncoder",
+    "DenseCNNClassifier",
     "DenseClassifier",
     "NeedleworkModel",
+    "create_pooling",
+    "flatten_map",
+    "receptive_field",
     "route_batch",
 ]

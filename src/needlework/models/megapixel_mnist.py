@@ -26,11 +26,12 @@ from needlework.ats import extract_patches
 from needlework.checks import check_shape
 from needlework.models.ats import ATSClassifier
 from needlework.models.base import NeedleworkModel
+from needlework.models.pooling import AttentionPool
 from needlework.registry import register_model
 
 __all__ = [
     "AttentionMILClassifier",
-    "DenseClassifier",
+    "DenseCNNClassifier",
     "MegapixelMNISTAttention",
     "MegapixelMNISTFeatures",
     "ats_megapixel_mnist",
@@ -119,7 +120,7 @@ def ats_megapixel_mnist(
 
 
 @register_model("dense.megapixel_mnist")
-class DenseClassifier(NeedleworkModel):
+class DenseCNNClassifier(NeedleworkModel):
     """The ATS feature network applied densely to the full-resolution image, then a linear head.
 
     ``forward(x_high)`` with ``x_high (B, C, H, W)`` → ``logits (B, C)``, ``embedding``, and ``logit_map``
@@ -178,9 +179,7 @@ class AttentionMILClassifier(NeedleworkModel):
         super().__init__()
         self.patch_size = int(patch_size)
         self.features = MegapixelMNISTFeatures(in_channels, feature_channels)
-        self.attention_v = nn.Linear(feature_channels, attention_dim)
-        self.attention_u = nn.Linear(feature_channels, attention_dim)
-        self.attention_w = nn.Linear(attention_dim, 1)
+        self.pool = AttentionPool(feature_channels, hidden=attention_dim, gated=True)
         self.classifier = nn.Linear(feature_channels, num_classes)
         self.multilabel = bool(multilabel)
 
@@ -191,9 +190,7 @@ class AttentionMILClassifier(NeedleworkModel):
         patches = extract_patches(x_high, coords, P)  # (B, N, C, P, P)
         N = patches.shape[1]
         h = self.features(patches.flatten(0, 1)).view(B, N, -1)
-        scores = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h)))
-        attention = torch.softmax(scores.squeeze(-1), dim=1)
-        embedding = torch.einsum("bn,bnd->bd", attention, h)
+        embedding, attention = self.pool(h)
         grid = (-(-H // P), -(-W // P))
         return {
             "logits": self.classifier(embedding),
