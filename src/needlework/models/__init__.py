@@ -1,6 +1,7 @@
 """Models. Importing this package registers every built-in model (one import line per module)."""
 
 from needlework.models.ats import ATSClassifier, AttentionSampling
+from needlework.models.ats_multilevel import MultiResolutionAttentionSampling
 from needlework.models.bagnet import BagNetEncoder, DenseClassifier, receptive_field
 from needlework.models.base import NeedleworkModel, route_batch
 from needlework.models.megapixel_mnist import AttentionMILClassifier, DenseCNNClassifier
@@ -14,6 +15,7 @@ __all__ = [
     "BagNetEncoder",
     "DenseCNNClassifier",
     "DenseClassifier",
+    "MultiResolutionAttentionSampling",
     "NeedleworkModel",
     "create_pooling",
     "flatten_map",
