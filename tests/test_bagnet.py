@@ -64,5 +64,5 @@ def test_errors():
         BagNetEncoder(receptive_field=33, width=0.25)(torch.zeros(1, 1, 20, 20))
     with pytest.raises(ValueError, match=r"image must have shape \(B, 1, H, W\)"):
         BagNetEncoder(width=0.25)(torch.zeros(1, 3, 64, 64))
-    with pytest.raises(KeyError, match="Unknown model 'bagnet.rf21'"):
+    with pytest.raises(KeyError, match=r"Unknown model 'bagnet\.rf21'"):
         needlework.create_model("bagnet.rf21")

@@ -59,7 +59,7 @@ def test_idx_source_gives_tf_split(tmp_path, gz):
 def test_idx_bad_magic_names_the_file(tmp_path):
     _fake_idx_folder(tmp_path)
     _write_idx(tmp_path, "t10k-labels-idx1-ubyte", np.zeros(20), 0x803)
-    with pytest.raises(DataSourceError, match="t10k-labels-idx1-ubyte.*magic"):
+    with pytest.raises(DataSourceError, match=r"t10k-labels-idx1-ubyte.*magic"):
         load_idx(tmp_path)
 
 

@@ -35,7 +35,7 @@ def test_object_counts_and_boxes(counting_pool, canvas):
         item = ds[i]
         image, label, boxes = item["image"], item["label"], item["boxes"]
         assert image.shape == (1, canvas, canvas) and image.dtype.is_floating_point
-        assert 0 <= image.min() and image.max() <= 1
+        assert image.min() >= 0 and image.max() <= 1
         if label == 1:
             assert _counts(image) == (1, n)
             (x0, y0, x1, y1) = boxes[0].tolist()

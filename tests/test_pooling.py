@@ -87,7 +87,8 @@ def test_masked_softmax_zero_outside_mask():
 def test_flatten_map_is_row_major():
     fmap = torch.arange(12.0).reshape(1, 2, 2, 3)  # C=2, h=2, w=3
     inst = flatten_map(fmap)
-    assert inst.shape == (1, 6, 2) and inst[0, 4].tolist() == [fmap[0, 0, 1, 1].item(), fmap[0, 1, 1, 1].item()]
+    assert inst.shape == (1, 6, 2)
+    assert inst[0, 4].tolist() == [fmap[0, 0, 1, 1].item(), fmap[0, 1, 1, 1].item()]
 
 
 def test_errors():

@@ -42,7 +42,9 @@ def saliency_map(
         with torch.enable_grad():
             logits = model(**{input_key: x}, **extra)["logits"]
             if not 0 <= target_class < logits.shape[-1]:
-                raise ValueError(f"target_class {target_class} is not a class of a {logits.shape[-1]}-way model")
+                raise ValueError(
+                    f"target_class {target_class} is not a class of a {logits.shape[-1]}-way model"
+                )
             (grad,) = torch.autograd.grad(logits[:, target_class].sum(), x)
     finally:
         model.train(was_training)

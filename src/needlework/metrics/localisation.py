@@ -15,7 +15,7 @@ import torch
 
 
 def point_in_boxes(point: torch.Tensor, boxes: torch.Tensor) -> bool:
-    """Whether ``point`` ``(2,)`` as ``(x, y)`` lies inside any box of ``boxes`` ``(n, 4)`` xyxy (inclusive)."""
+    """Whether ``point`` ``(2,)`` as ``(x, y)`` lies inside any ``(n, 4)`` xyxy box (edges included)."""
     if boxes.numel() == 0:
         return False
     x, y = float(point[0]), float(point[1])
