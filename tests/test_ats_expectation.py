@@ -21,7 +21,7 @@ def _logit_space(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return a * (v - (v * a).sum(-1, keepdim=True))
 
 
-def _draws(N, K, power, replace, estimator="unbiased", M=150_000, D=3, weights=None, seed=0):
+def _draws(N, K, power, replace, estimator="unbiased", M=100_000, D=3, weights=None, seed=0):
     """Per-draw forward values and gradients, projected on a fixed upstream vector ``up``."""
     gen = torch.Generator().manual_seed(seed + 1000 * N + 10 * K + power)
     a = torch.rand(N, generator=gen, dtype=torch.float64) ** power

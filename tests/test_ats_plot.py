@@ -34,6 +34,7 @@ def test_plot_without_patches(tmp_path):
     assert _is_png(path)
 
 
+@pytest.mark.filterwarnings("ignore:No positive samples")
 def test_callback_in_a_training_run(tmp_path):
     L = pytest.importorskip("lightning")
     from needlework.ats.callback import AttentionPlotCallback
