@@ -1,9 +1,7 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
-
-__all__ = ["DataSourceError", "DigitPool", "digit_pool"]
-
 from needlework.data.needle_mnist import NeedleMNIST
 
-__all__ += ["NeedleMNIST"]
+__all__ = ["DataSourceError", "DigitPool", "MegapixelMNIST", "MegapixelMNISTIPS", "NeedleMNIST", "digit_pool"]
