@@ -1,5 +1,7 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data import bags  # noqa: F401  (registers "slide_bags")
+from needlework.data.collate import pad_bags
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 
-__all__ = ["DataSourceError", "DigitPool", "digit_pool"]
+__all__ = ["DataSourceError", "DigitPool", "digit_pool", "pad_bags"]
