@@ -5,3 +5,7 @@ from needlework.data.collate import pad_bags
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 
 __all__ = ["DataSourceError", "DigitPool", "digit_pool", "pad_bags"]
+
+from needlework.data.needle_mnist import NeedleMNIST
+
+__all__ += ["NeedleMNIST"]
