@@ -46,6 +46,10 @@ class SlideOpenError(RuntimeError):
     """No reader could open the slide."""
 
 
+class SlideReadError(RuntimeError):
+    """Pixels of an opened slide could not be read (truncated or corrupt file)."""
+
+
 def slide_id_of(path: str | Path) -> str:
     """Slide id = file name without its extension (``a.ome.tif`` → ``a``)."""
     name = Path(path).name
@@ -136,6 +140,15 @@ class SlideReader(ABC):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"size must be positive, got {size}")
+        try:
+            return self._read_clipped(x0, y0, level, w, h)
+        except Exception as exc:
+            raise SlideReadError(
+                f"{self.path.name}: cannot read {w}x{h} pixels at level {level}, level-0 ({x0}, {y0}) with "
+                f"{self.backend}: {type(exc).__name__}: {exc}. The file may be truncated or corrupt."
+            ) from exc
+
+    def _read_clipped(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         # Clip to the level in level coordinates; pad the rest with white.
