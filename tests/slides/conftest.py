@@ -18,9 +18,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def cohort(tmp_path_factory):
     """4 slides (2 with lesions), one patient each; slide_003 has no resolution tags."""
     out = tmp_path_factory.mktemp("cohort")
-    return make_synthetic_cohort(out, n_slides=N_SLIDES, width=2048, height=1536, seed=3,
-                                 positive_fraction=0.5, slides_per_patient=1, n_lesions=2,
-                                 lesion_radius=(24, 48), no_mpp_slides=1)
+    return make_synthetic_cohort(
+        out,
+        n_slides=N_SLIDES,
+        width=2048,
+        height=1536,
+        seed=3,
+        positive_fraction=0.5,
+        slides_per_patient=1,
+        n_lesions=2,
+        lesion_radius=(24, 48),
+        no_mpp_slides=1,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +38,9 @@ def job(cohort, tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("job")
     tile_summary = run_tiling(cohort["slides_dir"], tile_config(job_dir), mpp_csv=cohort["mpp_csv"])
     embed_summary = run_embedding(cohort["slides_dir"], embed_config(job_dir))
-    return {"dir": job_dir, "tiling_dir": job_dir / TILING.dir_name(), "tile": tile_summary,
-            "embed": embed_summary}
+    return {
+        "dir": job_dir,
+        "tiling_dir": job_dir / TILING.dir_name(),
+        "tile": tile_summary,
+        "embed": embed_summary,
+    }

@@ -20,8 +20,9 @@ from needlework.models.encoders import ResNet
 from needlework.registry import create_encoder, list_encoders
 
 
-@pytest.mark.parametrize(("name", "dim"), [("resnet8", 128), ("resnet18", 512), ("resnet50_trunc", 1024),
-                                           ("color_stats", 39)])
+@pytest.mark.parametrize(
+    ("name", "dim"), [("resnet8", 128), ("resnet18", 512), ("resnet50_trunc", 1024), ("color_stats", 39)]
+)
 def test_builtin_encoders_shapes(name, dim):
     assert name in list_encoders()
     enc = create_encoder(name)
@@ -35,15 +36,25 @@ def test_builtin_encoders_shapes(name, dim):
 def test_random_init_is_seeded():
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        a, b, c = create_encoder("resnet8")(x), create_encoder("resnet8")(x), create_encoder("resnet8", seed=1)(x)
+        a, b, c = (
+            create_encoder("resnet8")(x),
+            create_encoder("resnet8")(x),
+            create_encoder("resnet8", seed=1)(x),
+        )
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
 
 
 def test_resnet_parameter_names_follow_torchvision():
     names = set(create_encoder("resnet18").backbone.state_dict())
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
-                "layer2.0.downsample.1.weight", "layer4.1.bn2.bias"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.weight",
+        "layer4.1.bn2.bias",
+    ):
         assert key in names, key
     # torchvision's ResNet-18 has 11,689,512 parameters, of which 513,000 in fc
     assert sum(p.numel() for p in create_encoder("resnet18").parameters()) == 11_689_512 - 513_000
@@ -93,7 +104,7 @@ def test_wrong_checkpoint_is_refused_with_the_keys(tmp_path):
         build_tile_encoder("resnet50_trunc", weights=str(tmp_path / "r18.pt"))
     state = create_encoder("resnet18", seed=1).backbone.state_dict()
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
-    with pytest.raises(ValueError, match="conv1.weight"):
+    with pytest.raises(ValueError, match=r"conv1\.weight"):
         load_weights_into(create_encoder("resnet18").backbone, state)
     torch.save({"a": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a state dict"):
@@ -126,7 +137,11 @@ def test_fake_timm_exercises_the_timm_loading_path(tmp_path, monkeypatch):
     fake.__version__ = "0.0-fake"
     fake.create_model = create_model
     fake.data = types.SimpleNamespace(
-        resolve_data_config=lambda args, model: {"input_size": (3, 96, 96), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+        resolve_data_config=lambda args, model: {
+            "input_size": (3, 96, 96),
+            "mean": (0.5,) * 3,
+            "std": (0.25,) * 3,
+        }
     )
     monkeypatch.setitem(sys.modules, "timm", fake)
     torch.manual_seed(5)
@@ -142,7 +157,9 @@ def test_fake_timm_exercises_the_timm_loading_path(tmp_path, monkeypatch):
 
 
 def test_real_timm_encoder_round_trip(tmp_path):
-    timm = pytest.importorskip("timm", reason="timm is not importable with this CPU torch (ENVIRONMENT.md §2)")
+    timm = pytest.importorskip(
+        "timm", reason="timm is not importable with this CPU torch (ENVIRONMENT.md §2)"
+    )
     net = timm.create_model("resnet18", pretrained=False, num_classes=0)
     torch.save(net.state_dict(), tmp_path / "r18.pth")
     enc = build_tile_encoder("timm:resnet18", weights=str(tmp_path / "r18.pth"))
@@ -152,7 +169,9 @@ def test_real_timm_encoder_round_trip(tmp_path):
 
 
 def test_real_torchvision_encoder_round_trip(tmp_path):
-    pytest.importorskip("torchvision", reason="torchvision does not import beside the CPU torch (ENVIRONMENT.md §2)")
+    pytest.importorskip(
+        "torchvision", reason="torchvision does not import beside the CPU torch (ENVIRONMENT.md §2)"
+    )
     torch.save(create_encoder("resnet18").backbone.state_dict(), tmp_path / "r18.pth")
     enc = build_tile_encoder("torchvision:resnet18", weights=str(tmp_path / "r18.pth"))
     ref = create_encoder("resnet18")

@@ -25,15 +25,21 @@ def test_job_outputs_and_status(job):
     for sid in [f"slide_{i:03d}" for i in range(N_SLIDES)]:
         status = json.loads((tdir / "wsi_states" / "tile" / f"{sid}.json").read_text())
         assert status["status"] == "done" and status["n_tiles"] > 0 and status["mpp_level0"] == 0.25
-        for folder, ext in (("thumbnails", "png"), ("tissue_masks", "png"), ("visualization", "png"),
-                            ("contours_geojson", "geojson")):
+        for folder, ext in (
+            ("thumbnails", "png"),
+            ("tissue_masks", "png"),
+            ("visualization", "png"),
+            ("contours_geojson", "geojson"),
+        ):
             assert (tdir / folder / f"{sid}.{ext}").is_file()
         feats, coords, attrs = read_features(tdir / "features_color_stats" / f"{sid}.h5")
         pcoords, pattrs = read_coords(tdir / "patches" / f"{sid}_patches.h5")
         np.testing.assert_array_equal(coords, pcoords)
         assert feats.dtype == np.float32 and feats.shape == (len(coords), 39)
         assert attrs["encoder"] == "color_stats" and attrs["patch_size_level0"] == pattrs["patch_size_level0"]
-    assert json.loads((tdir / "wsi_states" / "tile" / "slide_003.json").read_text())["mpp_source"] == "override"
+    assert (
+        json.loads((tdir / "wsi_states" / "tile" / "slide_003.json").read_text())["mpp_source"] == "override"
+    )
     summary = json.loads((tdir / "wsi_states" / "embed_color_stats" / "summary.json").read_text())
     assert summary["counts"]["done"] == N_SLIDES and summary["failures"] == []
     assert not list(tdir.rglob("*.tmp*")) and not list(tdir.rglob("*.lock"))
@@ -44,7 +50,7 @@ def test_embedding_matches_a_direct_encoder_call(cohort, job):
     from needlework.models.encoder_loading import build_tile_encoder
 
     tdir = job["tiling_dir"]
-    feats, coords, attrs = read_features(tdir / "features_color_stats" / "slide_001.h5")
+    feats, coords, _ = read_features(tdir / "features_color_stats" / "slide_001.h5")
     enc = build_tile_encoder("color_stats")
     import torch
 
@@ -111,6 +117,26 @@ def test_resume_after_interruption_gives_identical_files(cohort, job, tmp_path, 
         assert ours[name] == reference[name], f"{name} differs from the uninterrupted run"
 
 
+def test_changed_settings_redo_instead_of_skipping(cohort, job, tmp_path):
+    import dataclasses
+
+    shutil.copytree(job["tiling_dir"], tmp_path / TILING.dir_name())
+    cfg = tile_config(tmp_path)
+    again = run_tiling(cohort["slides_dir"], cfg, mpp_csv=cohort["mpp_csv"])
+    assert again["counts"]["skipped"] == N_SLIDES
+    assert run_embedding(cohort["slides_dir"], embed_config(tmp_path))["counts"]["skipped"] == N_SLIDES
+    stricter = dataclasses.replace(cfg, tiling=dataclasses.replace(TILING, min_tissue_fraction=0.9))
+    stricter.tiling.dir_name()  # same folder: the tissue threshold is not part of the name
+    redo = run_tiling(cohort["slides_dir"], stricter, mpp_csv=cohort["mpp_csv"])
+    assert redo["counts"]["done"] == N_SLIDES
+    fewer = read_coords(tmp_path / TILING.dir_name() / "patches" / "slide_000_patches.h5")[0]
+    assert len(fewer) < len(read_coords(job["tiling_dir"] / "patches" / "slide_000_patches.h5")[0])
+    # Features made from the old patch files are stale: embedding redoes them.
+    assert run_embedding(cohort["slides_dir"], embed_config(tmp_path))["counts"]["done"] == N_SLIDES
+    _, coords, _ = read_features(tmp_path / TILING.dir_name() / "features_color_stats" / "slide_000.h5")
+    np.testing.assert_array_equal(coords, fewer)
+
+
 def test_corrupt_slides_fail_clearly_and_skip_errors_goes_on(cohort, tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -124,7 +150,9 @@ def test_corrupt_slides_fail_clearly_and_skip_errors_goes_on(cohort, tmp_path):
     summary = run_tiling(slides, tile_config(tmp_path / "go"), skip_errors=True)
     assert summary["counts"]["failed"] == 2 and summary["counts"]["done"] == 2
     assert [f["slide_id"] for f in summary["failures"]] == ["a_truncated", "b_garbage"]
-    state = json.loads((tmp_path / "go" / TILING.dir_name() / "wsi_states" / "tile" / "a_truncated.json").read_text())
+    state = json.loads(
+        (tmp_path / "go" / TILING.dir_name() / "wsi_states" / "tile" / "a_truncated.json").read_text()
+    )
     assert state["status"] == "failed" and "a_truncated.tif" in state["error"] and state["traceback"]
     md = (tmp_path / "go" / TILING.dir_name() / "wsi_states" / "tile" / "summary.md").read_text()
     assert "b_garbage" in md and "## Failures" in md
@@ -143,7 +171,9 @@ def test_no_tissue_is_reported_not_skipped(tmp_path):
     from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_slide
 
     slides = tmp_path / "slides"
-    make_synthetic_slide(slides / "empty.tif", SyntheticSlideSpec(width=1024, height=768, n_tissue=0, n_lesions=0))
+    make_synthetic_slide(
+        slides / "empty.tif", SyntheticSlideSpec(width=1024, height=768, n_tissue=0, n_lesions=0)
+    )
     with pytest.warns(UserWarning, match="no tissue found"):
         summary = run_tiling(slides, tile_config(tmp_path / "job"))
     assert summary["counts"]["no_tissue"] == 1 and summary["no_tissue"] == ["empty"]
@@ -180,8 +210,9 @@ def test_ray_run_equals_local_run(cohort, job, tmp_path):
     t0 = time.time()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=local_runtime_env(), log_to_driver=False)
     try:
-        tile = run_tiling(cohort["slides_dir"], tile_config(tmp_path), mpp_csv=cohort["mpp_csv"],
-                          ray_address="local")
+        tile = run_tiling(
+            cohort["slides_dir"], tile_config(tmp_path), mpp_csv=cohort["mpp_csv"], ray_address="local"
+        )
         embed = run_embedding(cohort["slides_dir"], embed_config(tmp_path), ray_address="local")
     finally:
         ray.shutdown()

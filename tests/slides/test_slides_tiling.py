@@ -101,8 +101,11 @@ def test_geometry_from_magnification_and_mpp():
 
 def test_overlap_gives_denser_grid_and_upsampling_warns():
     img = np.full((600, 800, 3), (200, 120, 170), np.uint8)
-    res = tile_slide(ArrayReader(img, mpp=0.5), TilingConfig(target_magnification=20, patch_size=200, overlap=100),
-                     TissueParams(min_area_um2=0))
+    res = tile_slide(
+        ArrayReader(img, mpp=0.5),
+        TilingConfig(target_magnification=20, patch_size=200, overlap=100),
+        TissueParams(min_area_um2=0),
+    )
     assert res.attrs["stride_level0"] == 100 and len(res.coords) == 7 * 5
     with pytest.warns(UserWarning, match="coarser than the requested"):
         tile_slide(ArrayReader(img, mpp=0.5), TilingConfig(target_magnification=40, patch_size=64))
@@ -126,8 +129,20 @@ def test_patch_file_layout_trident_and_clam(tmp_path, job):
     with h5py.File(job["tiling_dir"] / "patches" / "slide_000_patches.h5") as f:
         ds = f["coords"]
         assert ds.dtype == np.int64 and ds.shape[1] == 2
-        for key in ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
-                    "level0_width", "level0_height", "name", "mpp_level0", "reader", "code_hash", "config_hash"):
+        for key in (
+            "patch_size",
+            "patch_size_level0",
+            "level0_magnification",
+            "target_magnification",
+            "overlap",
+            "level0_width",
+            "level0_height",
+            "name",
+            "mpp_level0",
+            "reader",
+            "code_hash",
+            "config_hash",
+        ):
             assert key in ds.attrs, key
         assert ds.attrs["name"] == "slide_000" and ds.attrs["level0_magnification"] == 40
     clam = tmp_path / "clam.h5"

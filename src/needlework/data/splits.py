@@ -95,8 +95,14 @@ def make_splits(
         raise ValueError(f"{n_groups} patients cannot be split into {k} folds; lower k")
     fold_of = np.empty(len(rows), np.int64)
     skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, test_idx) in enumerate(skf.split(slides, labels, groups)):
-        fold_of[test_idx] = fold
+    try:
+        for fold, (_, test_idx) in enumerate(skf.split(slides, labels, groups)):
+            fold_of[test_idx] = fold
+    except ValueError as exc:
+        counts = dict(Counter(labels.tolist()))
+        raise ValueError(
+            f"cannot make {k} stratified folds from label counts {counts} ({exc}); lower k"
+        ) from exc
     rng = np.random.default_rng(seed)
     out = []
     for i in range(k):

@@ -35,7 +35,9 @@ def normalise_scores(scores: np.ndarray, method: str = "percentile") -> np.ndarr
 
         return (rankdata(s) - 1) / max(len(s) - 1, 1)
     if method == "minmax":
-        lo, hi = s.min(initial=0.0), s.max(initial=1.0)
+        if len(s) == 0:
+            return s
+        lo, hi = s.min(), s.max()
         return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
     if method == "none":
         return np.clip(s, 0, 1)
@@ -122,11 +124,13 @@ def _with_margin(image: np.ndarray, label: str, cmap: str) -> np.ndarray:
     margin = 40
     canvas = np.full((h + margin, max(w, 300), 3), 255, np.uint8)
     canvas[:h, :w] = image
-    bar_w = min(256, canvas.shape[1] - 20)
+    bar_w = min(256, canvas.shape[1] // 3)
     canvas[h + 8 : h + 20, 10 : 10 + bar_w] = _colours(np.linspace(0, 1, bar_w), cmap)[None]
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
-    draw.text((10, h + 22), f"low {' ' * 8} high   {label}", fill=(0, 0, 0))
+    draw.text((10, h + 22), "low", fill=(0, 0, 0))
+    draw.text((10 + bar_w - 24, h + 22), "high", fill=(0, 0, 0))
+    draw.text((20 + bar_w, h + 8), label, fill=(0, 0, 0))
     return np.asarray(pil)
 
 

@@ -36,6 +36,7 @@ from needlework.slides.h5io import (
     write_patches_h5,
 )
 from needlework.slides.mpp import load_mpp_overrides, override_for, unknown_overrides
+from needlework.slides.provenance import config_hash
 from needlework.slides.reader import list_slides, open_slide, slide_id_of
 from needlework.slides.status import (
     SlideLock,
@@ -46,7 +47,7 @@ from needlework.slides.status import (
     write_json_atomic,
     write_text_atomic,
 )
-from needlework.slides.tiling import TilingConfig, tile_slide
+from needlework.slides.tiling import SEGMENTER, TilingConfig, tile_slide, tiling_run_config
 from needlework.slides.tissue import TissueParams, mask_to_geojson, qc_image
 
 
@@ -161,6 +162,16 @@ def _recorded_warnings(sink: list[str]) -> Iterator[None]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _tile_hash(cfg: TileJobConfig) -> str:
+    segmenter = "geojson" if cfg.tissue_geojson_dir else SEGMENTER
+    return config_hash(tiling_run_config(cfg.tiling, cfg.tissue, segmenter))
+
+
+def _embed_hash(cfg: EmbedJobConfig) -> str:
+    keys = ("encoder", "weights", "encoder_kwargs", "tile_size", "precision")
+    return config_hash({k: getattr(cfg, k) for k in keys})
+
+
 def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows = (np.arange(shape[0]) * mask.shape[0] // shape[0]).clip(0, mask.shape[0] - 1)
     cols = (np.arange(shape[1]) * mask.shape[1] // shape[1]).clip(0, mask.shape[1] - 1)
@@ -173,12 +184,15 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
     tdir = cfg.tiling_dir
     out = patches_path(tdir, task.slide_id)
     state_dir = tdir / "wsi_states" / "tile"
+    notes: list[str] = []
     if not cfg.overwrite and validate_patches_h5(out):
-        return _status(task, "tile", "skipped", n_tiles=len(read_coords(out)[0]))
+        coords, attrs = read_coords(out)
+        if attrs.get("config_hash") == _tile_hash(cfg):
+            return _status(task, "tile", "skipped", n_tiles=len(coords))
+        notes.append("redone: the existing patch file was made with other settings")
     lock = SlideLock(state_dir / f"{task.slide_id}.lock")
     if not lock.acquire():
         return _status(task, "tile", "busy", error="locked by another worker")
-    notes: list[str] = []
     try:
         try:
             with (
@@ -274,9 +288,13 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     out = cfg.features_dir / f"{task.slide_id}.h5"
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
     if not cfg.overwrite and validate_patches_h5(patches):
-        n = len(read_coords(patches)[0])
+        pcoords, pattrs = read_coords(patches)
+        n = len(pcoords)
         if n and validate_features_h5(out, n):
-            return _status(task, "embed", "skipped", n_tiles=n)
+            fattrs = read_coords(out)[1]  # features files carry the patch attributes on their coords
+            same = fattrs.get("config_hash") == pattrs.get("config_hash")
+            if same and fattrs.get("embed_config_hash") == _embed_hash(cfg):
+                return _status(task, "embed", "skipped", n_tiles=n)
     lock = SlideLock(state_dir / f"{task.slide_id}.lock")
     if not lock.acquire():
         return _status(task, "embed", "busy", error="locked by another worker")
@@ -321,6 +339,7 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                     embed_dim=int(feats.shape[1]),
                     tile_size=tile_size,
                     precision=cfg.precision,
+                    embed_config_hash=_embed_hash(cfg),
                 )
                 write_features_h5(out, feats, coords, meta)
                 status = _status(

@@ -141,6 +141,13 @@ def tissue_fractions(
     return np.where(area > 0, inside / np.maximum(area, 1e-12), 0.0).astype(np.float32)
 
 
+def tiling_run_config(
+    config: TilingConfig, tissue: TissueParams, segmenter: str = SEGMENTER
+) -> dict[str, Any]:
+    """The settings that determine a patch file (hashed into its ``config_hash``)."""
+    return {"tiling": asdict(config), "tissue": tissue.as_dict(), "segmenter": segmenter}
+
+
 def tile_slide(
     slide: SlideReader,
     config: TilingConfig,
@@ -183,7 +190,7 @@ def tile_slide(
     segmenter = (
         SEGMENTER if tissue_mask is None else "geojson" if isinstance(tissue_mask, (str, Path)) else "mask"
     )
-    run_config = {"tiling": asdict(config), "tissue": tissue.as_dict(), "segmenter": segmenter}
+    run_config = tiling_run_config(config, tissue, segmenter)
     attrs: dict[str, Any] = {
         "patch_size": int(config.patch_size),
         "patch_size_level0": int(ps0),
