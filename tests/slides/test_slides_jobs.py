@@ -224,3 +224,29 @@ def test_ray_run_equals_local_run(cohort, job, tmp_path):
     with h5py.File(tmp_path / TILING.dir_name() / "features_color_stats" / "slide_000.h5") as f:
         assert f["features"].shape[0] > 0
     print(f"ray run: {time.time() - t0:.1f} s")
+
+
+def test_edited_contours_replace_the_segmentation(cohort, job, tmp_path):
+    """The QuPath loop: contours exported by a tile run, re-imported as the tissue of the next run."""
+    contours = job["tiling_dir"] / "contours_geojson"
+    cfg = tile_config(tmp_path, tissue_geojson_dir=str(contours))
+    summary = run_tiling(cohort["slides_dir"], cfg, mpp_csv=cohort["mpp_csv"])
+    assert summary["counts"]["done"] == N_SLIDES
+    for i in range(N_SLIDES):
+        name = f"slide_{i:03d}_patches.h5"
+        ours, attrs = read_coords(cfg.tiling_dir / "patches" / name)
+        ref = read_coords(job["tiling_dir"] / "patches" / name)[0]
+        assert attrs["segmenter"] == "geojson"
+        common = {tuple(c) for c in ours.tolist()} & {tuple(c) for c in ref.tolist()}
+        assert len(common) >= 0.9 * max(len(ours), len(ref))
+    (tmp_path / "empty").mkdir()
+    missing = run_tiling(
+        cohort["slides_dir"],
+        tile_config(tmp_path / "m", tissue_geojson_dir=str(tmp_path / "empty")),
+        mpp_csv=cohort["mpp_csv"],
+        skip_errors=True,
+    )
+    assert (
+        missing["counts"]["failed"] == N_SLIDES
+        and "tissue GeoJSON not found" in missing["failures"][0]["error"]
+    )

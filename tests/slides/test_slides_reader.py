@@ -147,3 +147,17 @@ def test_thumbnail_downsample_is_exact(cohort):
         with open_slide(cohort["slides_dir"] / "slide_000.tif") as slide:
             thumb, (dx, dy) = slide.thumbnail_at_mpp(4.0)
     assert thumb.shape == (96, 128, 3) and (dx, dy) == (16.0, 16.0)
+
+
+def test_large_thumbnails_are_read_in_blocks():
+    rng = np.random.default_rng(0)
+    img = np.repeat(np.repeat(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), 8, 0), 8, 1)  # 480 × 640
+    whole = ArrayReader(img, mpp=0.5)
+    blocks = ArrayReader(img, mpp=0.5)
+    blocks.max_read_pixels = 100 * 100  # forces 1-level reads in blocks
+    for ds in (8.0, 5.0):
+        a, da = whole.thumbnail_at_downsample(ds)
+        b, db = blocks.thumbnail_at_downsample(ds)
+        assert a.shape == b.shape and da == db
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < (0.5 if ds == 8.0 else 12)
+    np.testing.assert_array_equal(blocks.thumbnail_at_downsample(8.0)[0], img[::8, ::8])

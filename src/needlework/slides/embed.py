@@ -33,7 +33,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TileDataset(Dataset):
     """Tiles of one slide. ``slide`` is a path (opened lazily, once per worker process) or an open reader
-    (only with ``num_workers=0``). Items: ``(tile (3, P, P) float32 in [0, 1], index)``."""
+    (only with ``num_workers=0``). Items: ``(tile (3, P, P) uint8, index)``; divide by 255 for [0, 1]."""
 
     def __init__(
         self,
@@ -68,9 +68,9 @@ class TileDataset(Dataset):
         x, y = self.coords[i].tolist()
         ps0, p = self.patch_size_level0, self.tile_size
         tile = self._handle().read_region_at(x, y, ps0, ps0, p, p)
-        if not tile.flags.writeable:  # arrays viewing PIL images are read-only
-            tile = tile.copy()
-        return torch.from_numpy(tile).permute(2, 0, 1).float().div_(255.0), i
+        # uint8 through the DataLoader (4× less to copy between processes); scaled to [0, 1] per batch,
+        # on the encoder's device.
+        return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))), i
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -133,8 +133,9 @@ def embed_tiles(
     out = np.zeros((len(dataset), int(getattr(encoder, "embed_dim", 0)) or 0), np.float32)
     rows = []
     for tiles, idx in loader:
+        batch = tiles.to(dev, non_blocking=True).float().div_(255.0)
         with _autocast(dev, precision):
-            feats = encoder(tiles.to(dev, non_blocking=True))
+            feats = encoder(batch)
         rows.append((idx.numpy(), feats.float().cpu().numpy()))
         if progress is not None:
             progress.update(len(idx))

@@ -72,6 +72,7 @@ class SlideReader(ABC):
 
     backend = "abstract"
     backend_version = ""
+    max_read_pixels = 4096 * 4096  # larger whole-slide reads (thumbnails) are done in blocks
 
     def __init__(self, path: str | Path, mpp_override: float | None = None, allow_implausible: bool = False):
         self.path = Path(path)
@@ -204,8 +205,19 @@ class SlideReader(ABC):
         w0, h0 = self.dimensions
         downsample = max(downsample, max(w0, h0) / max_side, 1.0)
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        thumb = self.read_region_at(0, 0, w0, h0, tw, th)
-        return thumb, (w0 / tw, h0 / th)
+        dx, dy = w0 / tw, h0 / th
+        ds = self.level_downsamples[self.best_level(min(dx, dy))]
+        if (w0 / ds) * (h0 / ds) <= self.max_read_pixels:
+            return self.read_region_at(0, 0, w0, h0, tw, th), (dx, dy)
+        # The level to read from is large (few pyramid levels): read it in blocks to bound memory.
+        thumb = np.empty((th, tw, 3), np.uint8)
+        step = max(1, int(math.sqrt(self.max_read_pixels) * ds / max(dx, dy)))  # output pixels per block
+        for oy in range(0, th, step):
+            for ox in range(0, tw, step):
+                ox1, oy1 = min(ox + step, tw), min(oy + step, th)
+                x0, y0, x1, y1 = round(ox * dx), round(oy * dy), round(ox1 * dx), round(oy1 * dy)
+                thumb[oy:oy1, ox:ox1] = self.read_region_at(x0, y0, x1 - x0, y1 - y0, ox1 - ox, oy1 - oy)
+        return thumb, (dx, dy)
 
     def describe(self) -> dict[str, Any]:
         """Metadata recorded in every artefact (reader name and version, sizes, levels)."""
@@ -270,7 +282,7 @@ class TiffSlideReader(SlideReader):
         return self._slide.properties
 
     def _read_level(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
-        arr = np.asarray(self._slide.read_region((x0, y0), level, (w, h), as_array=True, padding=False))
+        arr = np.asarray(self._slide.read_region((x0, y0), level, (w, h), as_array=True))
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
         return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
