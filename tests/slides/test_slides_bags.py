@@ -185,7 +185,7 @@ def test_missing_features_error_or_skip(cohort, job, tmp_path):
     assert len(ds) == 2
 
 
-def test_a_mil_model_trains_on_the_bags(bag_data, job, tmp_path):
+def test_a_mil_model_trains_on_the_bags(bag_data, cohort, job, tmp_path):
     """Done-criterion of the pipeline: tile → embed → bags → a MIL model trains (Lightning, CPU)."""
     import lightning as L
 
@@ -232,6 +232,37 @@ def test_a_mil_model_trains_on_the_bags(bag_data, job, tmp_path):
     )
     trainer.fit(task, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    # A Lightning checkpoint of the trained task turns back into attention heatmaps.
+    from needlework.cli import main
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    slide_id = "slide_001"  # any slide with features; the copies have no slide file
+    assert (
+        main(
+            [
+                "slides",
+                "heatmap",
+                "--slide",
+                str(cohort["slides_dir"]),
+                "--features",
+                str(bag_data["features_dir"] / f"{slide_id}.h5"),
+                "--checkpoint",
+                str(tmp_path / "last.ckpt"),
+                "--out",
+                str(tmp_path / "heat"),
+                "--formats",
+                "h5,png",
+                "--max-side",
+                "256",
+            ]
+        )
+        == 0
+    )
+    import h5py
+
+    with h5py.File(tmp_path / "heat" / f"{slide_id}_scores.h5") as f:
+        assert f["scores"].attrs["score_name"] == "attention"
+        assert float(f["scores"][...].sum()) == pytest.approx(1.0, abs=1e-4)
     batch = next(iter(data.val_dataloader()))
     assert batch["bag"].shape[-1] == 39 and batch["mask"].any(1).all()
     assert TILING.dir_name() in str(job["tiling_dir"])
