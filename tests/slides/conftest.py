@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 from slide_helpers import N_SLIDES, TILING, embed_config, tile_config
 
 from needlework.slides.jobs import run_embedding, run_tiling
 from needlework.slides.synthetic import make_synthetic_cohort
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
