@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from slide_helpers import N_SLIDES, TILING, embed_config, tile_config
 
-from needlework.slides.jobs import run_embedding, run_tiling
+from needlework.slides.embed_job import run_embedding
+from needlework.slides.jobs import run_tiling
 from needlework.slides.synthetic import make_synthetic_cohort
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from needlework.slides.jobs import EmbedJobConfig, TileJobConfig
+from needlework.slides.embed_job import EmbedJobConfig
+from needlework.slides.jobs import TileJobConfig
 from needlework.slides.tiling import TilingConfig
 from needlework.slides.tissue import TissueParams
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from slide_helpers import N_SLIDES, TILING, artefacts, embed_config, tile_config
 
-from needlework.slides import jobs
+from needlework.slides import embed_job, jobs
 from needlework.slides.embed import embed_tiles
+from needlework.slides.embed_job import run_embedding
 from needlework.slides.h5io import read_coords, read_features
-from needlework.slides.jobs import SlideJobError, run_embedding, run_tiling
+from needlework.slides.jobs import SlideJobError, run_tiling
 from needlework.slides.reader import open_slide
 from needlework.slides.status import SlideLock
 
@@ -78,9 +79,9 @@ def test_worker_processes_and_precision(cohort, job):
         embed_tiles(path, coords, 256, 64, enc, precision="fp8", device="cpu")
 
 
-def _interrupt_on(monkeypatch, name, slide_id):
-    """Make jobs.<name> leave a half-written temporary file for ``slide_id`` and die like a killed run."""
-    real = getattr(jobs, name)
+def _interrupt_on(monkeypatch, module, name, slide_id):
+    """Make <module>.<name> leave a half-written temporary file for ``slide_id`` and die like a killed run."""
+    real = getattr(module, name)
 
     def flaky(path, *args, **kwargs):
         if slide_id in str(path):
@@ -89,13 +90,13 @@ def _interrupt_on(monkeypatch, name, slide_id):
             raise KeyboardInterrupt
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(jobs, name, flaky)
+    monkeypatch.setattr(module, name, flaky)
 
 
 def test_resume_after_interruption_gives_identical_files(cohort, job, tmp_path, monkeypatch):
     cfg = tile_config(tmp_path)
     with monkeypatch.context() as m:
-        _interrupt_on(m, "write_patches_h5", "slide_002")
+        _interrupt_on(m, jobs, "write_patches_h5", "slide_002")
         with pytest.raises(KeyboardInterrupt):
             run_tiling(cohort["slides_dir"], cfg, mpp_csv=cohort["mpp_csv"])
     tdir = cfg.tiling_dir
@@ -105,7 +106,7 @@ def test_resume_after_interruption_gives_identical_files(cohort, job, tmp_path, 
     assert summary["counts"]["skipped"] == 2 and summary["counts"]["done"] == 2
     ecfg = embed_config(tmp_path)
     with monkeypatch.context() as m:
-        _interrupt_on(m, "write_features_h5", "slide_001")
+        _interrupt_on(m, embed_job, "write_features_h5", "slide_001")
         with pytest.raises(KeyboardInterrupt):
             run_embedding(cohort["slides_dir"], ecfg)
     summary = run_embedding(cohort["slides_dir"], ecfg)

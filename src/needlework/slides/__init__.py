@@ -11,8 +11,9 @@ Python API (the ``needlework slides`` command wraps it):
 """
 
 from needlework.slides.embed import embed_tiles
+from needlework.slides.embed_job import EmbedJobConfig, run_embedding
 from needlework.slides.heatmap import export_heatmap, scores_from_model
-from needlework.slides.jobs import EmbedJobConfig, SlideJobError, TileJobConfig, run_embedding, run_tiling
+from needlework.slides.jobs import SlideJobError, TileJobConfig, run_tiling
 from needlework.slides.mpp import MissingMPPError, load_mpp_overrides, resolve_mpp
 from needlework.slides.reader import ArrayReader, SlideOpenError, SlideReader, list_slides, open_slide
 from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_cohort, make_synthetic_slide

@@ -238,7 +238,8 @@ def _tile(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from needlework.slides.jobs import EmbedJobConfig, SlideJobError, find_tiling_dir, run_embedding
+    from needlework.slides.embed_job import EmbedJobConfig, run_embedding
+    from needlework.slides.jobs import SlideJobError, find_tiling_dir
 
     tiling = args.tiling or find_tiling_dir(args.job_dir)
     cfg = EmbedJobConfig(
