@@ -1,7 +1,17 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data import bags  # noqa: F401  (registers "slide_bags")
+from needlework.data.collate import pad_bags
 from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 from needlework.data.needle_mnist import NeedleMNIST
 
-__all__ = ["DataSourceError", "DigitPool", "MegapixelMNIST", "MegapixelMNISTIPS", "NeedleMNIST", "digit_pool"]
+__all__ = [
+    "DataSourceError",
+    "DigitPool",
+    "MegapixelMNIST",
+    "MegapixelMNISTIPS",
+    "NeedleMNIST",
+    "digit_pool",
+    "pad_bags",
+]

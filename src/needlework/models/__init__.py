@@ -1,6 +1,9 @@
 """Models. Importing this package registers every built-in model (one import line per module)."""
 
-from needlework.models import selection_presets  # noqa: F401  (registers dps/ips presets)
+from needlework.models import (
+    encoders,  # noqa: F401  (registers the built-in tile encoders)
+    selection_presets,  # noqa: F401  (registers dps/ips presets)
+)
 from needlework.models.ats import ATSClassifier, AttentionSampling
 from needlework.models.ats_multilevel import MultiResolutionAttentionSampling
 from needlework.models.bagnet import BagNetEncoder, DenseClassifier, receptive_field
