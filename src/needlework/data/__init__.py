@@ -1,15 +1,24 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data import bags  # noqa: F401  (registers "slide_bags")
+from needlework.data.collate import pad_bags
+from needlework.data.gabor import GaborTextures
+from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
-
-__all__ = ["DataSourceError", "DigitPool", "digit_pool"]
-
+from needlework.data.mnist_hard import MultiMNIST, MultiMNISTEasy
 from needlework.data.needle_mnist import NeedleMNIST
+from needlework.data.poisson import poisson_disk
 
-__all__ += ["NeedleMNIST"]
-
-from needlework.data.gabor import GaborTextures  # noqa: E402
-from needlework.data.mnist_hard import MultiMNIST, MultiMNISTEasy  # noqa: E402
-from needlework.data.poisson import poisson_disk  # noqa: E402
-
-__all__ += ["GaborTextures", "MultiMNIST", "MultiMNISTEasy", "poisson_disk"]
+__all__ = [
+    "DataSourceError",
+    "DigitPool",
+    "GaborTextures",
+    "MegapixelMNIST",
+    "MegapixelMNISTIPS",
+    "MultiMNIST",
+    "MultiMNISTEasy",
+    "NeedleMNIST",
+    "digit_pool",
+    "pad_bags",
+    "poisson_disk",
+]
