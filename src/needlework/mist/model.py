@@ -148,7 +148,11 @@ class MIST(PatchTaskModel):
         scales: heatmap scales (box side = ``anchor · scale``); ``(1.0,)`` for MNIST-hard.
         softmax_window, beta: local spatial softmax window (15) and inverse temperature (10); window 0
             replaces the softmax by a sigmoid.
+        softmax_padding: border handling of the local softmax (``"reflect"``; ``"zeros"`` as a plain
+            box filter, which favours the border).
         nms_window: NMS window (5).
+        tie_noise: uniform noise added to the heatmap before NMS/top-K in training mode only, so that
+            exact ties of flat regions break at random instead of towards the top-left (0 disables).
         heatmap_width, heatmap_blocks: residual trunk of the heatmap network (32, 4).
         heatmap_stride: the heatmap network sees the image average-pooled by this factor (1 in the
             reference; 2 makes CPU training ≈ 4× cheaper). Windows count heatmap pixels; keypoints are
@@ -168,7 +172,9 @@ class MIST(PatchTaskModel):
         scales: Sequence[float] = (1.0,),
         softmax_window: int = 15,
         beta: float = 10.0,
+        softmax_padding: str = "reflect",
         nms_window: int = 5,
+        tie_noise: float = 1e-6,
         heatmap_width: int = 32,
         heatmap_blocks: int = 4,
         heatmap_stride: int = 1,
@@ -194,8 +200,13 @@ class MIST(PatchTaskModel):
         if heatmap_stride < 1:
             raise ValueError(f"heatmap_stride must be >= 1, got {heatmap_stride}")
         self.nms_window, self.heatmap_stride = int(nms_window), int(heatmap_stride)
+        self.tie_noise = float(tie_noise)
         self.heatmap = MultiScaleHeatmap(
-            HeatmapNet(in_channels, 1, heatmap_width, heatmap_blocks), scales, softmax_window, beta
+            HeatmapNet(in_channels, 1, heatmap_width, heatmap_blocks),
+            scales,
+            softmax_window,
+            beta,
+            softmax_padding,
         )
 
     @property
@@ -225,7 +236,8 @@ class MIST(PatchTaskModel):
 
     def locate(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         heatmaps = self.heatmaps(image)
-        kp = extract_keypoints(heatmaps.detach(), self.k, self.scales, self.nms_window)
+        noise = self.tie_noise if self.training else 0.0
+        kp = extract_keypoints(heatmaps.detach(), self.k, self.scales, self.nms_window, tie_noise=noise)
         return {
             "centres": kp.centres * self.heatmap_stride,
             "sizes": self.anchor * kp.scales,
