@@ -93,6 +93,10 @@ def test_tie_noise_breaks_flat_ties_at_random_and_keeps_real_peaks():
     rows = noisy.indices // 16
     assert rows.float().mean() > 4  # spread over the map, not piled on row 0
     assert (noisy.scores == 0).all()  # returned scores carry no noise
+    pattern = torch.rand(16, 16, generator=torch.Generator().manual_seed(5)) * 1e-6
+    fixed = extract_keypoints(h, 3, [1.0], 3, tie_noise=pattern)
+    assert (fixed.indices == fixed.indices[:1]).all()  # a fixed pattern: same choice for every map
+    assert (fixed.indices[0] // 16).float().mean() > 0  # and not the first row
     h[:, 0, 9, 4] = 0.5  # a real peak stays first
     assert (extract_keypoints(h, 3, [1.0], 3, tie_noise=1e-6).indices[:, 0] == 9 * 16 + 4).all()
 

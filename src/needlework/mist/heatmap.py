@@ -127,7 +127,7 @@ def extract_keypoints(
     scales: Sequence[float],
     nms_window: int = 5,
     eps: float = EPS,
-    tie_noise: float = 0.0,
+    tie_noise: float | torch.Tensor = 0.0,
 ) -> Keypoints:
     """E_K: pool the per-scale heatmaps, suppress non-maxima, take the top-K, read scales off moments.
 
@@ -139,11 +139,12 @@ def extract_keypoints(
         k: number of keypoints K.
         scales: the S scales, one per channel.
         nms_window: odd NMS window side.
-        tie_noise: amplitude of uniform noise added to the pooled map before NMS and top-K. Flat regions
-            (a constant background gives exactly equal scores) otherwise resolve their ties by position,
-            always towards the top-left pixels, and training then reinforces those junk keypoints; a
-            tiny noise (1e-6) breaks ties at random and leaves distinct values ordered. Use only in
-            training (scores are returned without the noise).
+        tie_noise: a float: amplitude of fresh uniform noise added to the pooled map before NMS and
+            top-K; or a tensor broadcastable to ``(B, H, W)``, added as is (a fixed pattern gives
+            deterministic tie-breaking at evaluation). Flat regions (a constant background gives exactly
+            equal scores) otherwise resolve their ties by position, always towards the top-left pixels,
+            and training then reinforces those junk keypoints; a tiny noise (1e-6) breaks ties and leaves
+            distinct values ordered. Scores are returned without the noise.
 
     Returns:
         :class:`Keypoints` (no gradient flows through the selection; centres are pixel centres).
@@ -152,7 +153,10 @@ def extract_keypoints(
     if len(scales) != s:
         raise ValueError(f"heatmaps have {s} scale channels but {len(scales)} scales were given")
     pooled, weights = pool_scales(heatmaps, eps)
-    ranked = pooled + tie_noise * torch.rand_like(pooled) if tie_noise > 0 else pooled
+    if isinstance(tie_noise, torch.Tensor):
+        ranked = pooled + tie_noise.to(pooled)
+    else:
+        ranked = pooled + tie_noise * torch.rand_like(pooled) if tie_noise > 0 else pooled
     kept, idx = topk_pixels(nms(ranked, nms_window), k)
     # the score is the pooled value without noise; pixels taken after the NMS survivors ran out score 0
     values = torch.where(kept > 0, pooled.flatten(1).gather(1, idx), torch.zeros_like(kept))

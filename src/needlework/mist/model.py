@@ -151,8 +151,9 @@ class MIST(PatchTaskModel):
         softmax_padding: border handling of the local softmax (``"reflect"``; ``"zeros"`` as a plain
             box filter, which favours the border).
         nms_window: NMS window (5).
-        tie_noise: uniform noise added to the heatmap before NMS/top-K in training mode only, so that
-            exact ties of flat regions break at random instead of towards the top-left (0 disables).
+        tie_noise: amplitude of uniform noise added to the heatmap before NMS/top-K so that exact ties
+            of flat regions do not all break towards the top-left: fresh noise in training, a fixed
+            pattern (seed 0) in evaluation so that predictions are deterministic (0 disables).
         heatmap_width, heatmap_blocks: residual trunk of the heatmap network (32, 4).
         heatmap_stride: the heatmap network sees the image average-pooled by this factor (1 in the
             reference; 2 makes CPU training ≈ 4× cheaper). Windows count heatmap pixels; keypoints are
@@ -236,7 +237,11 @@ class MIST(PatchTaskModel):
 
     def locate(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         heatmaps = self.heatmaps(image)
-        noise = self.tie_noise if self.training else 0.0
+        noise: float | torch.Tensor = self.tie_noise
+        if not self.training and self.tie_noise > 0:
+            h, w = heatmaps.shape[-2:]
+            pattern = torch.rand(h, w, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            noise = self.tie_noise * pattern.to(heatmaps.device)
         kp = extract_keypoints(heatmaps.detach(), self.k, self.scales, self.nms_window, tie_noise=noise)
         return {
             "centres": kp.centres * self.heatmap_stride,
