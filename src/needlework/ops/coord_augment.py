@@ -60,7 +60,8 @@ def augment_coords(
     device = coords.device
     x = coords.float()
     w = torch.ones(b, n, 1, device=device) if mask is None else mask[..., None].float()
-    centre = (x * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+    # rounded centroid: right-angle rotations and flips of integer coordinates stay exact
+    centre = ((x * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)).round()
     x = x - centre
     matrix = torch.eye(2, device=device).expand(b, 2, 2)
     if rotation == "uniform":

@@ -51,7 +51,8 @@ def neighbor_table(sites: torch.Tensor, kernel_size: int = 3, dilation: int = 1)
         dilation: spacing of the kernel taps.
 
     Returns:
-        ``(S, k²)`` int64; column ``o = (dy + r)·k + (dx + r)`` for offsets ``dy, dx ∈ [−r, r]``, ``r = k // 2``.
+        ``(S, k²)`` int64; column ``o = (dy + r)·k + (dx + r)`` for offsets ``dy, dx ∈ [−r, r]``,
+        ``r = k // 2``.
     """
     _check_sites(sites)
     if kernel_size % 2 != 1 or kernel_size < 1:
@@ -179,7 +180,9 @@ class SubmanifoldConv2d(nn.Module):
 
             if sites is None or batch_size is None:
                 raise ValueError("backend='spconv' needs sites (S, 3) and batch_size")
-            return spconv_submanifold_conv2d(features, sites, self.weight, self.bias, batch_size, self.dilation)
+            return spconv_submanifold_conv2d(
+                features, sites, self.weight, self.bias, batch_size, self.dilation
+            )
         if neighbors is None:
             if sites is None:
                 raise ValueError("pass neighbors (from neighbor_table) or sites (S, 3)")

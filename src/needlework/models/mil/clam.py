@@ -76,7 +76,7 @@ class CLAMSB(MILModel):
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``attention`` ``(B, N)``, ``embedding`` ``(B, 512)``.
+        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``attention`` ``(B, N)``, ``embedding``.
 
         Also ``instance_features`` ``(B, N, 512)`` and ``mask`` for the instance loss in :meth:`compute_loss`.
         """

@@ -2,7 +2,8 @@
 
 Instance stream: ``c = W_c h`` ``(N, C)``; the critical instance of class ``j`` is ``m_j = argmax_i c[i, j]``
 (over real instances) and ``ŷ_max[j] = c[m_j, j]``. Bag stream: ``Q = W_q h`` ``(N, q)``,
-``V = W_v Dropout(h)`` ``(N, L)``; ``A = softmax_i(⟨Q_i, Q_{m_j}⟩ / √q)`` ``(N, C)``; ``Bᵀ = Aᵀ V`` ``(C, L)``;
+``V = W_v Dropout(h)`` ``(N, L)``; ``A = softmax_i(⟨Q_i, Q_{m_j}⟩ / √q)`` ``(N, C)``;
+``Bᵀ = Aᵀ V`` ``(C, L)``;
 bag logits ``= Conv1d(C, C, kernel=L)(B)`` (each class logit mixes all class embeddings).
 
 Loss: ``(1 − max_weight) · CE(bag logits) + max_weight · CE(ŷ_max)``. The reference uses binary cross-entropy
@@ -81,8 +82,8 @@ class DSMIL(MILModel):
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``max_logits`` ``(B, C)``, ``attention`` ``(B, C, N)``,
-        ``instance_logits`` ``(B, N, C)``, ``critical_idx`` ``(B, C)``."""
+        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``max_logits`` ``(B, C)``,
+        ``attention`` ``(B, C, N)``, ``instance_logits`` ``(B, N, C)``, ``critical_idx`` ``(B, C)``."""
         mask = self._check(bag, coords, mask)
         h = self.embed(bag)  # (B, N, L)
         c = self.instance_classifier(h)  # (B, N, C)

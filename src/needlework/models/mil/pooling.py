@@ -6,8 +6,8 @@
 
 ``attention`` is the weight each pooling gives to each instance: for instance-level max, the one-hot of
 the winning instance per class ``(B, C, N)``; for embedding-level max, the share of embedding dimensions an
-instance wins ``(B, N)``; for means, ``1 / n``; for log-sum-exp, the softmax weights ``softmax(r ·)`` (the
-gradient of the smooth max), averaged over dimensions for embedding-level pooling.
+instance wins ``(B, N)`` (ties split evenly); for means, ``1 / n``; for log-sum-exp, the softmax
+weights ``softmax(r ·)`` (the gradient of the smooth max), averaged over dimensions for embedding-level pooling.
 
 Example:
     >>> import torch, needlework
@@ -113,13 +113,14 @@ class EmbeddingPoolingMIL(MILModel):
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``embedding`` ``(B, L)``, ``attention`` ``(B, N)``."""
+        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``embedding`` ``(B, L)``, ``attention``."""
         mask = self._check(bag, coords, mask)
         h = self.embed(bag)  # (B, N, L)
-        n = bag.shape[1]
         if self.pooling == "max":
-            z, winner = masked_max(h, mask)  # (B, L)
-            attention = F.one_hot(winner, n).to(h.dtype).mean(dim=1)  # share of dimensions won
+            z, _ = masked_max(h, mask)  # (B, L)
+            # share of dimensions each instance wins; ties (e.g. ReLU zeros) split evenly
+            wins = ((h == z[:, None, :]) & mask[..., None]).to(h.dtype)  # (B, N, L)
+            attention = (wins / wins.sum(dim=1, keepdim=True)).mean(dim=2)
         elif self.pooling == "mean":
             z = masked_mean(h, mask)
             attention = uniform_attention(mask, h.dtype)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,7 +79,7 @@ class SparseConvMIL(MILModel):
         self.scale = tuple(scale) if scale is not None else None
         widths = [in_dim, *channels]
         self.convs = nn.ModuleList(
-            SubmanifoldConv2d(a, b, kernel_size, backend=backend) for a, b in zip(widths[:-1], widths[1:])
+            SubmanifoldConv2d(a, b, kernel_size, backend=backend) for a, b in itertools.pairwise(widths)
         )
         self.classifier = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(widths[-1], classifier_hidden), nn.ReLU(),

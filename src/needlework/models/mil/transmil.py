@@ -149,7 +149,7 @@ class TransMIL(MILModel):
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``attention`` ``(B, N)``, ``embedding`` ``(B, dim)``."""
+        """``bag`` ``(B, N, D)`` → ``logits`` ``(B, C)``, ``attention`` ``(B, N)``, ``embedding``."""
         mask = self._check(bag, coords, mask)
         h = self.embed(bag)
         b, n_max, dim = h.shape

@@ -1,0 +1,36 @@
+"""Shared builders for the MIL tests: small models and random bags with grid coordinates."""
+
+from __future__ import annotations
+
+import torch
+
+import needlework
+
+# small widths so every model runs in milliseconds on one core
+SMALL_KWARGS: dict[str, dict] = {
+    "transmil": {"dim": 32, "heads": 4, "num_landmarks": 8, "dropout": 0.0},
+    "abmil": {"embed_dim": 32, "attention_dim": 16},
+    "abmil.gated": {"embed_dim": 32, "attention_dim": 16},
+    "clam_sb": {"dropout": 0.0},
+    "sparseconvmil": {"channels": (16, 16), "cell_size": 256},
+}
+
+
+def make_model(name: str, in_dim: int = 12, num_classes: int = 3, **extra) -> torch.nn.Module:
+    kwargs = {**SMALL_KWARGS.get(name, {}), **extra}
+    return needlework.create_model(name, in_dim=in_dim, num_classes=num_classes, **kwargs)
+
+
+def grid_coords(b: int, n: int, side: int = 12, stride: int = 256, generator=None) -> torch.Tensor:
+    """``(b, n, 2)`` int64 distinct tile positions on a ``side × side`` grid of ``stride``-px tiles."""
+    cells = torch.stack([torch.randperm(side * side, generator=generator)[:n] for _ in range(b)])
+    return torch.stack([cells % side, cells // side], dim=-1) * stride
+
+
+def planted_bags(b: int, n: int, d: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags whose label (0/1) says whether one instance carries a +3 shift on feature 0."""
+    bag = torch.randn(b, n, d, generator=generator)
+    label = torch.arange(b) % 2
+    where = torch.randint(0, n, (b,), generator=generator)
+    bag[torch.arange(b), where, 0] += 3.0 * label
+    return bag, label
