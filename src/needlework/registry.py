@@ -78,7 +78,7 @@ def _load_builtin_modules() -> None:
     if _loaded:
         return
     _loaded = True
-    import needlework.data  # noqa: F401  (registers datasets)
+    import needlework.data
     import needlework.models  # noqa: F401  (registers models and encoders)
 
 

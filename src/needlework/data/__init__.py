@@ -3,3 +3,7 @@
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 
 __all__ = ["DataSourceError", "DigitPool", "digit_pool"]
+
+from needlework.data.needle_mnist import NeedleMNIST
+
+__all__ += ["NeedleMNIST"]

@@ -1,0 +1,79 @@
+"""``needlework fit|validate|test|predict --config FILE.yaml`` on LightningCLI.
+
+Every option of the task, the data module and the trainer can be set in the YAML or overridden on the
+command line (``--model.lr 3e-4``, ``--trainer.max_epochs 5``, ``--data.batch_size 8``). Each run writes
+a folder ``<runs_dir>/<run_name>/<version>/`` holding the resolved ``config.yaml``, ``versions.json``,
+``metrics.json``, CSV and TensorBoard logs and ``checkpoints/`` (best by ``--checkpoint.monitor`` and
+last). After ``fit`` the test split is evaluated at the best checkpoint (``--test_after_fit false`` to
+skip).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from needlework.training.datamodule import DatasetDataModule
+from needlework.training.run_info import RunInfo
+from needlework.training.task import ClassificationTask
+
+
+def _run_version(root: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    version, n = stamp, 1
+    while (root / version).exists():
+        n += 1
+        version = f"{stamp}-{n}"
+    return version
+
+
+class NeedleworkCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", default="run", help="run folder: <runs_dir>/<run_name>/<version>")
+        parser.add_argument("--runs_dir", default="runs", help="parent folder of all runs")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="evaluate the test split at the best checkpoint after fit")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-{epoch:03d}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(RunInfo, "run_info")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.logger in (None, True):
+            root = Path(cfg.runs_dir) / cfg.run_name
+            args = Namespace(save_dir=cfg.runs_dir, name=cfg.run_name, version=_run_version(root))
+            cfg.trainer.logger = [
+                Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=args.clone()),
+                Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=args.clone()),
+            ]
+
+    def after_fit(self) -> None:
+        if not self.config.fit.test_after_fit:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        ckpt_path = "best" if ckpt is not None and ckpt.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def main(argv: list[str]) -> int:
+    NeedleworkCLI(
+        ClassificationTask,
+        DatasetDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+    return 0

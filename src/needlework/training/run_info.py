@@ -1,0 +1,98 @@
+"""Run-folder bookkeeping: package versions at the start, metrics at the end of each stage.
+
+Writes into ``trainer.log_dir`` (the run folder, next to LightningCLI's ``config.yaml``):
+``versions.json`` (needlework, torch, lightning, Python, git commit, seed) and ``metrics.json``
+(last validation metrics, best checkpoint and its score, test metrics when a test ran).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and commit that produced a result."""
+    import lightning
+
+    import needlework
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(needlework.__file__).parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "needlework": needlework.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+        "git_commit": commit,
+    }
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in metrics.items() if k.startswith(prefix) and torch.as_tensor(v).numel() == 1
+    }
+
+
+class RunInfo(L.Callback):
+    """Writes ``versions.json`` and ``metrics.json`` into the run folder."""
+
+    def _folder(self, trainer: L.Trainer) -> Path | None:
+        return Path(trainer.log_dir) if trainer.log_dir and trainer.is_global_zero else None
+
+    def _update_metrics(self, trainer: L.Trainer, section: str, values: dict[str, Any]) -> None:
+        folder = self._folder(trainer)
+        if folder is None:
+            return
+        path = folder / "metrics.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[section] = values
+        write_json(path, data)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = self._folder(trainer)
+        if folder is not None:
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            write_json(folder / "versions.json", {**environment_info(), "seed": seed})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_score", None)
+        self._update_metrics(trainer, "fit", {
+            "epochs": trainer.current_epoch,
+            "val_last": _scalars(trainer.callback_metrics, "val/"),
+            "best_checkpoint": getattr(ckpt, "best_model_path", None),
+            "best_score": float(best) if best is not None else None,
+            "monitor": getattr(ckpt, "monitor", None),
+        })
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._update_metrics(trainer, "test", _scalars(trainer.callback_metrics, "test/"))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._update_metrics(trainer, "validate", _scalars(trainer.callback_metrics, "val/"))

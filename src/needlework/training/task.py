@@ -1,0 +1,153 @@
+"""``ClassificationTask``: the one LightningModule that trains every registered classifier.
+
+The model is built by registry name; each batch entry is passed to the model's ``forward`` parameter of
+the same name; the loss is ``model.compute_loss`` (cross-entropy or BCE plus the model's auxiliary
+losses). Metrics are logged as ``{train,val,test}/{loss,acc,bacc,auroc,f1}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from needlework.models.base import NeedleworkModel, route_batch
+from needlework.registry import create_model
+from needlework.training.metrics import classification_metrics
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class ClassificationTask(L.LightningModule):
+    """Train a registered model on batches of dicts.
+
+    Args:
+        model: registry name (see ``needlework list models``).
+        model_kwargs: keyword arguments of the model factory (``num_classes`` is added).
+        num_classes: number of classes (or labels, when ``multilabel``).
+        multilabel: targets are ``(B, C)`` multi-hot and the loss is BCE.
+        label_key: batch key of the target.
+        optimizer: ``adam``, ``adamw``, ``sgd`` or ``rmsprop``.
+        lr, weight_decay, momentum, eps: optimiser settings (momentum for SGD/RMSprop).
+        scheduler: ``None``, ``"cosine"`` (over ``max_epochs``) or ``"multistep"`` (``milestones``,
+            ``gamma``).
+        class_weight: per-class loss weights (class imbalance).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        model_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 2,
+        multilabel: bool = False,
+        label_key: str = "label",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        eps: float = 1e-8,
+        scheduler: str | None = None,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        class_weight: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if scheduler not in (None, "cosine", "multistep"):
+            raise ValueError(f"scheduler must be None, 'cosine' or 'multistep', got {scheduler!r}")
+        if class_weight is not None and len(class_weight) != num_classes:
+            raise ValueError(f"class_weight has {len(class_weight)} entries for {num_classes} classes")
+        self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        if multilabel and isinstance(self.model, NeedleworkModel):
+            self.model.multilabel = True
+        self.multilabel, self.label_key = multilabel, label_key
+        self.register_buffer(
+            "class_weight", torch.tensor(class_weight, dtype=torch.float32) if class_weight else None,
+            persistent=False,
+        )
+        # one collection per stage (attribute names: a ModuleDict key "train" would shadow Module.train)
+        self.train_metrics = classification_metrics(num_classes, multilabel)
+        self.val_metrics = classification_metrics(num_classes, multilabel)
+        self.test_metrics = classification_metrics(num_classes, multilabel)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.model(**route_batch(self.model.forward, batch))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        output = self(batch)
+        target = batch[self.label_key]
+        if isinstance(self.model, NeedleworkModel):
+            loss, parts = self.model.compute_loss(output, target, self.class_weight)
+        else:  # any nn.Module returning a dict with logits
+            loss = torch.nn.functional.cross_entropy(output["logits"], target, weight=self.class_weight)
+            parts = {}
+        batch_size = target.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size,
+                 on_step=stage == "train", on_epoch=True)
+        for name, value in parts.items():
+            if len(parts) > 1:
+                self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, on_epoch=True)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(self.probabilities(output["logits"].detach()), target.long())
+        return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        metrics.reset()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        output = self(batch)
+        result = {"probs": self.probabilities(output["logits"])}
+        if "index" in batch:
+            result["index"] = batch["index"]
+        return result
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        kwargs: dict[str, Any] = {"lr": h.lr, "weight_decay": h.weight_decay}
+        if h.optimizer in ("sgd", "rmsprop"):
+            kwargs["momentum"] = h.momentum
+        if h.optimizer != "sgd":
+            kwargs["eps"] = h.eps
+        optimizer = OPTIMIZERS[h.optimizer](self.parameters(), **kwargs)
+        if h.scheduler is None:
+            return optimizer
+        if h.scheduler == "cosine":
+            epochs = max(1, self.trainer.max_epochs or 1)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=h.milestones or [], gamma=h.gamma
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
