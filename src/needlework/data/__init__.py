@@ -7,3 +7,7 @@ __all__ = ["DataSourceError", "DigitPool", "digit_pool"]
 from needlework.data.needle_mnist import NeedleMNIST
 
 __all__ += ["NeedleMNIST"]
+
+from needlework.data.mnist_bags import MNISTBags
+
+__all__ += ["MNISTBags"]

@@ -1,0 +1,116 @@
+"""MNIST-bags generator and the LeNet pixel-bag wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import needlework
+from needlework.data.mnist_bags import MNISTBags, grid_layout
+from tests.mil_helpers import pad_bags
+
+
+def test_registered_and_deterministic():
+    assert "mnist_bags" in needlework.list_datasets()
+    a = needlework.create_dataset("mnist_bags", split="train", size=5, seed=3)
+    b = MNISTBags(split="train", size=5, seed=3)
+    for i in range(5):
+        assert torch.equal(a[i]["bag"], b[i]["bag"])
+    assert not torch.equal(MNISTBags(split="train", size=5, seed=4)[0]["bag"][:1], a[0]["bag"][:1]) or (
+        len(MNISTBags(split="train", size=5, seed=4)[0]["bag"]) != len(a[0]["bag"])
+    )
+
+
+def test_item_contract_and_label_rule():
+    ds = MNISTBags(split="test", size=40, seed=0)
+    pool = ds.pool
+    for i in range(40):
+        item = ds[i]
+        n = len(item["bag"])
+        assert item["bag"].shape == (n, 1, 28, 28) and item["bag"].dtype == torch.float32
+        assert 0.0 <= float(item["bag"].min()) and float(item["bag"].max()) <= 1.0
+        assert item["coords"].shape == (n, 2) and item["coords"].dtype == torch.int64
+        assert len(torch.unique(item["coords"], dim=0)) == n
+        picks = ds.sample(i)
+        assert (item["instance_labels"].numpy() == (pool.labels[picks] == 9)).all()
+        assert item["label"] == int((pool.labels[picks] == 9).any())
+    assert (ds.labels == np.array([ds[i]["label"] for i in range(40)])).all()
+
+
+def test_bag_length_distribution_and_bounds():
+    ds = MNISTBags(split="train", size=400, seed=0, mean_bag_length=50, std_bag_length=10, max_bag_length=60)
+    lengths = np.array([len(ds.sample(i)) for i in range(400)])
+    assert lengths.max() <= 60 and lengths.min() >= 1
+    assert 45 < lengths.mean() < 52  # int() truncation of N(50, 10), clamped at 60
+    small = MNISTBags(split="train", size=50, seed=0, mean_bag_length=1, std_bag_length=3)
+    assert min(len(small.sample(i)) for i in range(50)) == 1
+
+
+def test_unbalanced_matches_reference_rate_and_balanced_is_half():
+    ds = MNISTBags(split="train", size=600, seed=1)
+    # P(>= one 9 in a bag) at mean length ≈ 9.5 with 10 % nines: about 0.63
+    assert 0.55 < ds.labels.mean() < 0.72
+    bal = MNISTBags(split="train", size=600, seed=1, balanced=True, mean_bag_length=30, std_bag_length=5)
+    assert 0.44 < bal.labels.mean() < 0.56
+
+
+def test_splits_use_disjoint_digits_and_normalisation():
+    train, test = MNISTBags(split="train", size=3), MNISTBags(split="test", size=3, normalize=True)
+    assert train.pool.split == "train" and test.pool.split == "test"
+    assert float(test[0]["bag"].min()) == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="split"):
+        MNISTBags(split="validation")
+    with pytest.raises(ValueError, match="max_bag_length"):
+        MNISTBags(min_bag_length=5, max_bag_length=2)
+    with pytest.raises(IndexError):
+        MNISTBags(size=3)[3]
+
+
+def test_grid_layout():
+    assert grid_layout(5).tolist() == [[0, 0], [28, 0], [56, 0], [0, 28], [28, 28]]
+
+
+@pytest.mark.parametrize("head", ["abmil", "abmil.gated", "clam_sb", "dsmil", "transmil", "sparseconvmil"])
+def test_lenet_mil_on_padded_pixel_bags(head):
+    torch.manual_seed(0)
+    kwargs = {"transmil": {"dim": 32, "heads": 4}, "sparseconvmil": {"cell_size": 28}}.get(head, {})
+    model = needlework.create_model("lenet_mil", num_classes=2, mil=head, mil_kwargs=kwargs).eval()
+    ds = MNISTBags(split="val", size=3, seed=2)
+    batch = pad_bags([ds[i] for i in range(3)])
+    assert batch["bag"].shape[:2] == batch["mask"].shape and batch["bag"].dim() == 5
+    out = model.forward_batch(batch)
+    assert out["logits"].shape == (3, 2)
+    with torch.no_grad():
+        for i in range(3):
+            alone = model(ds[i]["bag"][None], ds[i]["coords"][None])
+            torch.testing.assert_close(out["logits"][i : i + 1], alone["logits"], atol=1e-5, rtol=1e-4)
+    loss, parts = model.compute_loss(model.train().forward_batch(batch), batch["label"])
+    loss.backward()
+    assert model.encoder.fc[0].weight.grad is not None
+
+
+def test_lenet_mil_learns_mnist_bags():
+    """A few epochs of the paper's setup separate bags with and without a 9 on held-out bags."""
+    torch.manual_seed(0)
+    model = needlework.create_model("lenet_mil", num_classes=2, mil="abmil.gated",
+                                    mil_kwargs={"embed_dim": None, "attention_dim": 128})
+    train = MNISTBags(split="train", size=96, seed=0, mean_bag_length=6, std_bag_length=1, balanced=True)
+    test = MNISTBags(split="test", size=64, seed=0, mean_bag_length=6, std_bag_length=1, balanced=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    batches = [pad_bags([train[j] for j in range(i, i + 8)]) for i in range(0, 96, 8)]
+    for _ in range(6):
+        for batch in batches:
+            loss, _ = model.compute_loss(model.forward_batch(batch), batch["label"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    batch = pad_bags([test[i] for i in range(64)])
+    probs = model.predict(bag=batch["bag"], coords=batch["coords"], mask=batch["mask"])["probs"][:, 1]
+    labels = batch["label"].bool()
+    # AUROC from ranks (probability a positive outranks a negative)
+    auroc = (probs[labels][:, None] > probs[~labels][None, :]).float().mean()
+    assert auroc > 0.8
