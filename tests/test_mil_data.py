@@ -29,7 +29,7 @@ def test_item_contract_and_label_rule():
         item = ds[i]
         n = len(item["bag"])
         assert item["bag"].shape == (n, 1, 28, 28) and item["bag"].dtype == torch.float32
-        assert 0.0 <= float(item["bag"].min()) and float(item["bag"].max()) <= 1.0
+        assert float(item["bag"].min()) >= 0.0 and float(item["bag"].max()) <= 1.0
         assert item["coords"].shape == (n, 2) and item["coords"].dtype == torch.int64
         assert len(torch.unique(item["coords"], dim=0)) == n
         picks = ds.sample(i)
@@ -88,7 +88,7 @@ def test_lenet_mil_on_padded_pixel_bags(head):
         for i in range(3):
             alone = model(ds[i]["bag"][None], ds[i]["coords"][None])
             torch.testing.assert_close(out["logits"][i : i + 1], alone["logits"], atol=1e-5, rtol=1e-4)
-    loss, parts = model.compute_loss(model.train().forward_batch(batch), batch["label"])
+    loss, _ = model.compute_loss(model.train().forward_batch(batch), batch["label"])
     loss.backward()
     assert model.encoder.fc[0].weight.grad is not None
 

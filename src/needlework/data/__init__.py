@@ -4,10 +4,8 @@ from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 
 __all__ = ["DataSourceError", "DigitPool", "digit_pool"]
 
+from needlework.data.mnist_bags import MNISTBags
 from needlework.data.needle_mnist import NeedleMNIST
 
 __all__ += ["NeedleMNIST"]
-
-from needlework.data.mnist_bags import MNISTBags
-
 __all__ += ["MNISTBags"]

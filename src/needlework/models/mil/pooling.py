@@ -7,7 +7,8 @@
 ``attention`` is the weight each pooling gives to each instance: for instance-level max, the one-hot of
 the winning instance per class ``(B, C, N)``; for embedding-level max, the share of embedding dimensions an
 instance wins ``(B, N)`` (ties split evenly); for means, ``1 / n``; for log-sum-exp, the softmax
-weights ``softmax(r ·)`` (the gradient of the smooth max), averaged over dimensions for embedding-level pooling.
+weights ``softmax(r ·)`` (the gradient of the smooth max), averaged over dimensions for
+embedding-level pooling.
 
 Example:
     >>> import torch, needlework
