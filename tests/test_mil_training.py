@@ -63,7 +63,8 @@ def test_fit_runs_and_repeats_summarise(pad_bags_available, tmp_path, capsys):
         assert rc == 0
     metrics = sorted(tmp_path.rglob("metrics.json"))
     assert len(metrics) == 2
-    assert {"test/acc", "test/auroc", "test/bacc", "test/loss"} <= set(json.loads(metrics[0].read_text())["test"])
+    logged = set(json.loads(metrics[0].read_text())["test"])
+    assert {"test/acc", "test/auroc", "test/bacc", "test/loss"} <= logged
     out_json = tmp_path / "summary.json"
     assert main(["summarize", str(tmp_path / "mil_abmil_gated"), "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
