@@ -37,28 +37,10 @@ def planted_bags(b: int, n: int, d: int, generator: torch.Generator) -> tuple[to
 
 
 def pad_bags(samples: list[dict]) -> dict:
-    """The ``pad_bags`` collate when ``needlework.data.collate`` provides it, else a minimal stand-in:
-    per-instance tensors (first dim = bag length) zero-padded to ``(B, N_max, ...)`` plus ``mask``."""
+    """The library's ``pad_bags`` collate when ``needlework.data.collate`` provides it, else
+    ``pad_bag_levels`` (a superset for single-level bags)."""
     try:
         from needlework.data.collate import pad_bags as library_pad_bags
     except ImportError:
-        pass
-    else:
-        return library_pad_bags(samples)
-    lengths = [len(s["bag"]) for s in samples]
-    n_max = max(lengths)
-    batch: dict = {"mask": torch.zeros(len(samples), n_max, dtype=torch.bool)}
-    for i, n in enumerate(lengths):
-        batch["mask"][i, :n] = True
-    for key, first in samples[0].items():
-        values = [s[key] for s in samples]
-        if isinstance(first, torch.Tensor) and first.dim() >= 1 and len(first) == lengths[0] and all(
-            len(v) == n for v, n in zip(values, lengths)
-        ):
-            out = first.new_zeros(len(samples), n_max, *first.shape[1:])
-            for i, v in enumerate(values):
-                out[i, : len(v)] = v
-            batch[key] = out
-        else:
-            batch[key] = torch.as_tensor(values)
-    return batch
+        from needlework.data.level_collate import pad_bag_levels as library_pad_bags
+    return library_pad_bags(samples)

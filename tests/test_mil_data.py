@@ -114,3 +114,58 @@ def test_lenet_mil_learns_mnist_bags():
     # AUROC from ranks (probability a positive outranks a negative)
     auroc = (probs[labels][:, None] > probs[~labels][None, :]).float().mean()
     assert auroc > 0.8
+
+
+def test_planted_bags_levels_are_depth_first_and_consistent():
+    from needlework.data.planted_bags import PlantedBags
+
+    ds = needlework.create_dataset("planted_bags", split="train", size=4, grid=5, levels=3, scale=2,
+                                   tissue_fraction=0.5, dim=8)
+    assert isinstance(ds, PlantedBags)
+    item = ds[0]
+    assert item["label"] == 1 and ds[3]["label"] == 0
+    n0 = len(item["bag"])
+    assert n0 == round(0.5 * 25)
+    for level, tile in ((1, 512), (2, 256)):
+        parents = item["coords" if level == 1 else "coords_1"]
+        children = item[f"coords_{level}"].view(len(parents), 4, 2)
+        offsets = children - parents[:, None]
+        assert offsets.tolist() == [[[0, 0], [tile, 0], [0, tile], [tile, tile]]] * len(parents)
+        assert item[f"bag_{level}"].shape == (n0 * 4**level, 8)
+    # a parent is lesion iff one of its children is
+    fine = item["instance_labels_2"].view(-1, 4).amax(1)
+    assert torch.equal(item["instance_labels_1"], fine)
+    assert int(item["instance_labels_2"].sum()) == 4  # the 2×2 lesion at the finest level
+    assert ds[3]["instance_labels_2"].sum() == 0
+
+
+def test_planted_bags_signal_lives_on_the_lesion_direction():
+    ds = needlework.create_dataset("planted_bags", size=40, grid=8, levels=1, signal=3.0, dim=16)
+    u = torch.from_numpy(ds.direction)
+    proj_lesion, proj_other = [], []
+    for i in range(20):  # positives
+        item = ds[i]
+        proj = item["bag"] @ u
+        proj_lesion.append(proj[item["instance_labels"].bool()])
+        proj_other.append(proj[~item["instance_labels"].bool()])
+    assert torch.cat(proj_lesion).mean() == pytest.approx(3.0, abs=0.4)
+    assert torch.cat(proj_other).mean() == pytest.approx(0.0, abs=0.1)
+
+
+def test_pad_bag_levels_pads_each_level_and_builds_masks():
+    from needlework.data.level_collate import pad_bag_levels
+
+    ds = needlework.create_dataset("planted_bags", size=6, grid=4, levels=2, tissue_fraction=0.5, dim=4,
+                                   seed=3)
+    items = [ds[i] for i in (0, 5)]
+    items[1]["mask_1"] = torch.ones(len(items[1]["bag_1"]), dtype=torch.bool)
+    items[1]["mask_1"][0] = False
+    items[0]["mask_1"] = torch.ones(len(items[0]["bag_1"]), dtype=torch.bool)
+    batch = pad_bag_levels(items)
+    n = [len(it["bag"]) for it in items]
+    assert batch["bag"].shape == (2, max(n), 4) and batch["bag_1"].shape == (2, 4 * max(n), 4)
+    assert batch["mask"].sum(1).tolist() == n
+    assert batch["mask_1"].sum(1).tolist() == [4 * n[0], 4 * n[1] - 1]
+    assert batch["coords_1"].dtype == torch.int64 and batch["label"].tolist() == [1, 0]
+    with pytest.raises(KeyError, match="'bag'"):
+        pad_bag_levels([{"x": torch.ones(2)}])

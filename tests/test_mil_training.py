@@ -21,7 +21,7 @@ def pad_bags_available(monkeypatch):
     try:
         import needlework.data.collate  # noqa: F401
     except ImportError:
-        monkeypatch.setitem(batching.COLLATES, "pad_bags", "tests.mil_helpers:pad_bags")
+        monkeypatch.setitem(batching.COLLATES, "pad_bags", "needlework.data.level_collate:pad_bag_levels")
 
 
 def test_every_mil_model_has_a_config():
