@@ -8,20 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from needlework.data import batching
 from needlework.training import summary
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mil").glob("*.yaml"))
 
 
 @pytest.fixture
-def pad_bags_available(monkeypatch):
-    """Use the library's ``pad_bags`` collate, or the tests' stand-in until it exists."""
-    monkeypatch.setattr(sys, "argv", ["needlework"])  # LightningCLI also looks at sys.argv
-    try:
-        import needlework.data.collate  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(batching.COLLATES, "pad_bags", "needlework.data.level_collate:pad_bag_levels")
+def clean_argv(monkeypatch):
+    """LightningCLI also reads sys.argv: hide pytest's arguments from it."""
+    monkeypatch.setattr(sys, "argv", ["needlework"])
 
 
 def test_every_mil_model_has_a_config():
@@ -35,7 +30,7 @@ def test_every_mil_model_has_a_config():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_builds(config, pad_bags_available, tmp_path):
+def test_config_builds(config, clean_argv, tmp_path):
     from needlework.training.cli import NeedleworkCLI
     from needlework.training.datamodule import DatasetDataModule
     from needlework.training.task import ClassificationTask
@@ -50,7 +45,7 @@ def test_config_builds(config, pad_bags_available, tmp_path):
     assert cli.model.class_weight is not None
 
 
-def test_fit_runs_and_repeats_summarise(pad_bags_available, tmp_path, capsys):
+def test_fit_runs_and_repeats_summarise(clean_argv, tmp_path, capsys):
     from needlework.cli import main
 
     for seed in (0, 1):
