@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import needlework
@@ -13,12 +14,39 @@ SMALL_KWARGS: dict[str, dict] = {
     "abmil.gated": {"embed_dim": 32, "attention_dim": 16},
     "clam_sb": {"dropout": 0.0},
     "sparseconvmil": {"channels": (16, 16), "cell_size": 256},
+    "zoommil": {"num_levels": 3, "hidden_dim": 32, "attention_dim": 16, "dropout": 0.0, "k": 3,
+                "n_samples": 20, "sigma": 0.05},
 }
+CHILDREN = 4  # children per parent of the multi-level inputs
+
+
+def level_inputs(name: str, bag: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """Extra inputs of multi-level models: depth-first children features derived from each parent
+    (so padding and permutations of the parents carry over to their descendants)."""
+    if name != "zoommil":
+        return {}
+    levels, x = {}, bag
+    for level in (1, 2):
+        x = torch.stack([torch.sin((j + 1) * x + level) for j in range(CHILDREN)], dim=2).flatten(1, 2)
+        levels[f"bag_{level}"] = x
+        if mask is not None:
+            levels[f"mask_{level}"] = mask.repeat_interleave(CHILDREN**level, dim=1)
+    return levels
+
+
+def run(model, bag, coords=None, mask=None, name: str | None = None) -> dict:
+    """Call a zoo model with the extra inputs its family needs."""
+    name = name or getattr(model, "registry_name", "")
+    return model(bag, coords, mask, **level_inputs(name, bag, mask))
 
 
 def make_model(name: str, in_dim: int = 12, num_classes: int = 3, **extra) -> torch.nn.Module:
+    if name == "zoommil":  # zooming needs the perturbed top-K operator (branch topk)
+        pytest.importorskip("needlework.topk", reason="needlework.topk (perturbed_topk) not available")
     kwargs = {**SMALL_KWARGS.get(name, {}), **extra}
-    return needlework.create_model(name, in_dim=in_dim, num_classes=num_classes, **kwargs)
+    model = needlework.create_model(name, in_dim=in_dim, num_classes=num_classes, **kwargs)
+    model.registry_name = name
+    return model
 
 
 def grid_coords(b: int, n: int, side: int = 12, stride: int = 256, generator=None) -> torch.Tensor:

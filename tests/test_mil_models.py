@@ -7,7 +7,7 @@ import torch
 
 import needlework
 from needlework.models.mil import list_mil_models
-from tests.mil_helpers import grid_coords, make_model, planted_bags
+from tests.mil_helpers import grid_coords, level_inputs, make_model, planted_bags, run
 
 MODELS = list_mil_models()
 
@@ -34,7 +34,7 @@ def test_forward_shapes_and_attention(name):
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[0, 6:] = False
     mask[2, 1:] = False  # a bag with a single instance
-    out = model(torch.randn(b, n, 12), grid_coords(b, n), mask)
+    out = run(model, torch.randn(b, n, 12), grid_coords(b, n), mask)
     assert out["logits"].shape == (b, 3)
     assert torch.isfinite(out["logits"]).all()
     att = out["attention"]
@@ -54,13 +54,13 @@ def test_padding_invariance(name):
     bag1, bag2 = torch.randn(1, n1, 12, generator=g), torch.randn(1, n2, 12, generator=g)
     c1, c2 = grid_coords(1, n1, generator=g), grid_coords(1, n2, generator=g)
     with torch.no_grad():
-        alone = model(bag1, c1)
+        alone = run(model, bag1, c1)
         padded_bag = torch.cat([torch.cat([bag1, 1e3 * torch.randn(1, n2 - n1, 12, generator=g)], 1), bag2])
         padded_coords = torch.cat([torch.cat([c1, grid_coords(1, n2 - n1, generator=g) + 10**6], 1), c2])
         mask = torch.ones(2, n2, dtype=torch.bool)
         mask[0, n1:] = False
-        batched = model(padded_bag, padded_coords, mask)
-        second = model(bag2, c2)
+        batched = run(model, padded_bag, padded_coords, mask)
+        second = run(model, bag2, c2)
     torch.testing.assert_close(batched["logits"][:1], alone["logits"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batched["logits"][1:], second["logits"], atol=1e-5, rtol=1e-4)
     att = batched["attention"]
@@ -76,7 +76,7 @@ def test_permutation_invariance(name):
     bag, coords = torch.randn(2, 10, 12), grid_coords(2, 10)
     perm = torch.randperm(10)
     with torch.no_grad():
-        out, out_p = model(bag, coords), model(bag[:, perm], coords[:, perm])
+        out, out_p = run(model, bag, coords), run(model, bag[:, perm], coords[:, perm])
     torch.testing.assert_close(out_p["logits"], out["logits"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_p["attention"], out["attention"][..., perm], atol=1e-5, rtol=1e-4)
 
@@ -101,7 +101,7 @@ def test_few_steps_decrease_the_loss(name):
     mask[::3, 7:] = False
     bag[~mask] = 0.0
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    batch = {"bag": bag, "coords": coords, "mask": mask, "label": label}
+    batch = {"bag": bag, "coords": coords, "mask": mask, "label": label, **level_inputs(name, bag, mask)}
 
     def loss_now() -> float:
         model.eval()
@@ -124,7 +124,7 @@ def test_backward_reaches_every_parameter(name):
     torch.manual_seed(4)
     model = make_model(name, num_classes=2).train()
     bag, coords = torch.randn(4, 20, 12), grid_coords(4, 20)
-    total, _ = model.compute_loss(model(bag, coords), torch.tensor([0, 1, 1, 0]))
+    total, _ = model.compute_loss(run(model, bag, coords), torch.tensor([0, 1, 1, 0]))
     total.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient reached {missing}"
@@ -135,13 +135,13 @@ def test_bad_inputs_raise_clear_errors(name):
     model = make_model(name).eval()
     coords = grid_coords(2, 5)
     with pytest.raises(ValueError, match="in_dim=12"):
-        model(torch.randn(2, 5, 7), coords)
+        run(model, torch.randn(2, 5, 7), coords)
     with pytest.raises(ValueError, match="bag"):
-        model(torch.randn(5, 12), coords)
+        run(model, torch.randn(5, 12), coords)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1] = False
     with pytest.raises(ValueError, match=r"no real instance in bag\(s\) \[1\]"):
-        model(torch.randn(2, 5, 12), coords, mask)
+        run(model, torch.randn(2, 5, 12), coords, mask)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -151,6 +151,7 @@ def test_predict_and_state_dict_round_trip(name):
     clone = make_model(name).eval()
     clone.load_state_dict(model.state_dict())
     bag, coords = torch.randn(2, 6, 12), grid_coords(2, 6)
-    p1, p2 = model.predict(bag=bag, coords=coords), clone.predict(bag=bag, coords=coords)
+    inputs = {"bag": bag, "coords": coords, **level_inputs(name, bag)}
+    p1, p2 = model.predict(**inputs), clone.predict(**inputs)
     torch.testing.assert_close(p1["probs"], p2["probs"])
     torch.testing.assert_close(p1["probs"].sum(-1), torch.ones(2))

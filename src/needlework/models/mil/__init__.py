@@ -9,6 +9,7 @@ from needlework.models.mil import (  # noqa: F401  (registration)
     pooling,
     sparseconvmil,
     transmil,
+    zoommil,
 )
 from needlework.models.mil.abmil import ABMIL
 from needlework.models.mil.clam import CLAMSB
@@ -18,6 +19,7 @@ from needlework.models.mil.pixel_bags import LeNetEncoder, PixelBagMIL
 from needlework.models.mil.pooling import EmbeddingPoolingMIL, InstancePoolingMIL
 from needlework.models.mil.sparseconvmil import SparseConvMIL
 from needlework.models.mil.transmil import TransMIL
+from needlework.models.mil.zoommil import ZoomMIL
 
 __all__ = [
     "ABMIL",
@@ -30,6 +32,7 @@ __all__ = [
     "PixelBagMIL",
     "SparseConvMIL",
     "TransMIL",
+    "ZoomMIL",
     "check_bag",
     "list_mil_models",
     "masked_softmax",
