@@ -4,8 +4,10 @@ Settings:
 
 * ``mnist_bags`` — MNIST-bags (Ilse et al.; DATASETS.md §6): a LeNet instance encoder trained end-to-end
   with each aggregator on padded pixel bags (``lenet_mil``), the ABMIL paper's setup;
-* ``planted`` — planted feature bags (:mod:`needlework.data.planted_bags`): 32-d tile features on a
-  slide-like grid with a 2×2-tile lesion in positive slides; models run on the features directly.
+* ``planted`` — planted feature bags (:mod:`needlework.data.planted_bags`): 32-d tile features of
+  slide-like grids at three magnifications (4 children per parent) with a 4×4-tile lesion (at the highest
+  magnification, signal 2σ) in positive slides. Single-level models see the highest magnification (about 350 tiles
+  per slide); ZoomMIL starts from the lowest (about 22 tiles) and zooms into k = 4 tiles per level.
 
 For each (setting, model, repeat) one fresh process trains with Adam on padded batches, then evaluates on
 the test split: accuracy, balanced accuracy, AUROC, weighted F1, cross-entropy, and the AUROC of the
@@ -56,7 +58,7 @@ RESULTS = Path(__file__).parent / "results" / "mil.json"
 PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "mnist_bags": {"train": 160, "test": 160, "epochs": 3, "batch": 8, "lr": 5e-4},
-        "planted": {"train": 200, "test": 160, "epochs": 6, "batch": 16, "lr": 1e-3},
+        "planted": {"train": 200, "test": 160, "epochs": 12, "batch": 16, "lr": 1e-3},
         "repeats": 1,
     },
     "full": {
@@ -68,8 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DATASETS = {
     "mnist_bags": ("mnist_bags", {"mean_bag_length": 10, "std_bag_length": 2}),
-    "planted": ("planted_bags", {"grid": 12, "levels": 1, "dim": 32, "tissue_fraction": 0.6,
-                                 "lesion_size": 2, "signal": 1.5}),
+    "planted": ("planted_bags", {"grid": 6, "levels": 3, "dim": 32, "tissue_fraction": 0.6,
+                                 "lesion_size": 4, "signal": 2.0}),
 }
 
 # aggregator settings per dataset (LeNet features are 500-d; planted features 32-d)
@@ -87,8 +89,26 @@ HEAD_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
         "transmil": {"dim": 128, "heads": 4, "ppeg_layout": "coords", "coord_stride": 256},
         "sparseconvmil": {"cell_size": 256, "rotation": "right_angles", "scale": None},
         "dsmil": {"embed_dim": 128},
+        "zoommil": {"num_levels": 3, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.0, "k": 4,
+                    "sigma": 0.05, "n_samples": 50},
     },
 }
+MULTI_LEVEL = {"zoommil"}  # models that take every magnification; the others get the highest one
+
+
+def applicable(setting: str, name: str) -> bool:
+    levels = DATASETS[setting][1].get("levels", 1)
+    return name not in MULTI_LEVEL or levels > 1
+
+
+def single_level(batch: dict, level: int) -> dict:
+    """The entries of magnification ``level`` renamed to ``bag`` / ``coords`` / ``mask`` / ...."""
+    if level == 0:
+        return batch
+    out = {k: v for k, v in batch.items() if not k.startswith(("bag", "coords", "mask", "instance_labels"))}
+    for key in ("bag", "coords", "mask", "instance_labels"):
+        out[key] = batch[f"{key}_{level}"]
+    return out
 
 
 def build_model(setting: str, name: str) -> torch.nn.Module:
@@ -124,11 +144,13 @@ def peak_rss_growth(base: float | None) -> float | None:
     return None if base is None or peak is None else max(peak - base, 0.0)
 
 
-def batches(dataset, batch_size: int, generator: torch.Generator | None, device: str) -> list[dict]:
+def batches(dataset, batch_size: int, generator: torch.Generator | None, device: str, level: int) -> list:
+    """Padded batches (shuffled when ``generator`` is given), reduced to magnification ``level``
+    unless ``level`` is 0."""
     order = torch.randperm(len(dataset), generator=generator) if generator else torch.arange(len(dataset))
     out = []
     for i in range(0, len(dataset), batch_size):
-        batch = pad_bag_levels([dataset[int(j)] for j in order[i : i + batch_size]])
+        batch = single_level(pad_bag_levels([dataset[int(j)] for j in order[i : i + batch_size]]), level)
         out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     return out
 
@@ -174,7 +196,9 @@ def run_one(setting: str, name: str, seed: int, cfg: dict, device: str, threads:
     dataset_name, kwargs = DATASETS[setting]
     train = needlework.create_dataset(dataset_name, split="train", size=cfg["train"], seed=seed, **kwargs)
     test = needlework.create_dataset(dataset_name, split="test", size=cfg["test"], seed=seed, **kwargs)
-    test_batches = batches(test, 32, None, device)
+    levels = kwargs.get("levels", 1)
+    level = 0 if name in MULTI_LEVEL else levels - 1
+    test_batches = batches(test, 32, None, device, level)
     model = build_model(setting, name).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
@@ -185,7 +209,7 @@ def run_one(setting: str, name: str, seed: int, cfg: dict, device: str, threads:
     step_time, bags, activations = 0.0, 0, 0
     for epoch in range(cfg["epochs"]):
         model.train()
-        for batch in batches(train, cfg["batch"], g, device):
+        for batch in batches(train, cfg["batch"], g, device, level):
             if epoch == 0:  # untimed pass measuring the activation memory of this batch
                 activations = max(activations, saved_activation_bytes(model, batch)[1])
             start = time.perf_counter()
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(args.settings, args.device, args.threads)
     for setting in args.settings:
         for name in models:
+            if not applicable(setting, name):
+                continue
             runs = []
             for seed in range(repeats):
                 job = (setting, name, seed, preset[setting], args.device, args.threads)
