@@ -6,8 +6,9 @@ Settings:
   with each aggregator on padded pixel bags (``lenet_mil``), the ABMIL paper's setup;
 * ``planted`` — planted feature bags (:mod:`needlework.data.planted_bags`): 32-d tile features of
   slide-like grids at three magnifications (4 children per parent) with a 4×4-tile lesion (at the highest
-  magnification, signal 2σ) in positive slides. Single-level models see the highest magnification (about 350 tiles
-  per slide); ZoomMIL starts from the lowest (about 22 tiles) and zooms into k = 4 tiles per level.
+  magnification, signal 2σ) in positive slides. Single-level models see the highest magnification
+  (about 350 tiles per slide); ZoomMIL starts from the lowest (about 22 tiles) and zooms into k = 4 tiles
+  per level.
 
 For each (setting, model, repeat) one fresh process trains with Adam on padded batches, then evaluates on
 the test split: accuracy, balanced accuracy, AUROC, weighted F1, cross-entropy, and the AUROC of the

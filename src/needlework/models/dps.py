@@ -1,0 +1,191 @@
+"""DPS — Differentiable Patch Selection (Cordonnier et al., CVPR 2021), METHODS.md §5.
+
+Pipeline: a small CNN scores a grid of cells on the low-resolution view; the scores are min-max
+normalised and the perturbed top-K (:func:`needlework.topk.perturbed_topk`, correct outer-product
+Jacobian) turns them into indicators ``Ŷ (B, K, N)``; patch k of the high-resolution image is the soft
+mixture ``Σ_n Ŷ[k, n] · patch_n`` (cut on the indicators' support only) during training and the hard
+top-K patch at evaluation; a patch CNN embeds the K patches and a transformer (positional encoding of
+slot k = ``Σ_n Ŷ[k, n] E[n]``), max or mean aggregates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from needlework.checks import check_shape
+from needlework.models.base import NeedleworkModel
+from needlework.models.patch_cnn import build_patch_encoder
+from needlework.models.positional import sinusoidal_2d
+from needlework.registry import register_model
+from needlework.topk import PerturbedTopK, cell_coords, hard_patches, soft_patches, sorted_topk_indices
+
+AGGREGATIONS = ("transformer", "max", "mean")
+POS_ENCODINGS = ("learned", "sinusoidal", "none")
+
+
+class Scorer(nn.Module):
+    """3×3 ReLU convolutions + a 1×1 convolution to one channel, max-pooled to the selection grid."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], grid: tuple[int, int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch in channels:
+            layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.ReLU(inplace=True)]
+            prev = ch
+        layers.append(nn.Conv2d(prev, 1, 1))
+        self.net = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveMaxPool2d(grid)
+
+    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` → scores ``(B, gh·gw)`` (row-major cells)."""
+        return self.pool(self.net(x_low)).flatten(1)
+
+
+@register_model("dps")
+class DPS(NeedleworkModel):
+    """Differentiable Patch Selection.
+
+    Args:
+        num_classes: C.
+        in_channels: image channels.
+        multilabel: sigmoid/BCE loss over C labels instead of softmax/CE.
+        grid: selection grid ``(gh, gw)`` (or one int): N = gh·gw candidate patches.
+        patch_size: side P of the high-resolution patch centred on each cell.
+        k: number of selected patches K.
+        sigma, n_samples, sigma_schedule, total_steps, sigma_end, jacobian: perturbed top-K settings
+            (see :class:`needlework.topk.PerturbedTopK`); ``total_steps`` counts training forwards.
+        scorer_channels: widths of the scorer's 3×3 convolutions.
+        low_scale: if ``x_low`` is not given, it is ``x_high`` area-resized by this factor.
+        dim: embedding width D.
+        encoder: :func:`needlework.models.patch_cnn.build_patch_encoder` config (PatchCNN kwargs or
+            ``{"preset": "resnet18_layer2"}``).
+        aggregation: ``"transformer"``, ``"max"`` or ``"mean"``.
+        n_layers, n_heads, dropout: transformer settings.
+        pos_encoding: ``"learned"`` table, fixed 2-D ``"sinusoidal"``, or ``"none"`` (transformer only).
+        entropy_weight: λ ≥ 0 maximising the entropy of ``softmax(scores)`` (METHODS.md §1.3).
+
+    ``forward(x_low, x_high)`` with ``x_low (B, C, h, w)`` (optional) and ``x_high (B, C, H, W)`` returns
+    ``logits (B, C)``, ``indicators (B, K, N)``, ``attention (B, N)`` = softmax of the scores, ``scores``,
+    ``selected_idx (B, K)`` (hard top-K of the scores, by position), ``selected_coords (B, K, 2)`` (top-left
+    ``(x, y)`` in ``x_high`` pixels), ``embedding (B, D)`` and ``aux_loss``.
+
+    Example:
+        >>> m = DPS(num_classes=3, grid=4, patch_size=8, k=2, n_samples=10, dim=16, n_heads=2)
+        >>> m(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 32, 32))["logits"].shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        multilabel: bool = False,
+        grid: int | tuple[int, int] = 10,
+        patch_size: int = 50,
+        k: int = 5,
+        sigma: float = 0.05,
+        n_samples: int = 100,
+        sigma_schedule: str = "constant",
+        total_steps: int | None = None,
+        sigma_end: float = 0.0,
+        jacobian: str = "outer",
+        scorer_channels: Sequence[int] = (8, 8, 8),
+        low_scale: float = 0.25,
+        dim: int = 128,
+        encoder: dict[str, Any] | None = None,
+        aggregation: str = "transformer",
+        n_layers: int = 1,
+        n_heads: int = 4,
+        dropout: float = 0.0,
+        pos_encoding: str = "learned",
+        entropy_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {pos_encoding!r}")
+        if entropy_weight < 0:
+            raise ValueError(f"entropy_weight must be >= 0 (it maximises entropy), got {entropy_weight}")
+        self.grid = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+        n = self.grid[0] * self.grid[1]
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, N = {n}] for grid {self.grid}, got {k}")
+        self.multilabel = multilabel
+        self.num_classes, self.in_channels, self.patch_size, self.k = num_classes, in_channels, patch_size, k
+        self.low_scale, self.aggregation, self.entropy_weight = low_scale, aggregation, entropy_weight
+        self.scorer = Scorer(in_channels, scorer_channels, self.grid)
+        self.topk = PerturbedTopK(
+            k, sigma, n_samples, sigma_schedule, total_steps, sigma_end, normalize=True, jacobian=jacobian
+        )
+        self.encoder = build_patch_encoder(in_channels, dim, encoder)
+        self.pos_encoding = pos_encoding if aggregation == "transformer" else "none"
+        if self.pos_encoding == "learned":
+            self.pos_table = nn.Parameter(torch.randn(n, dim) * 0.02)
+        elif self.pos_encoding == "sinusoidal":
+            cells = torch.stack(
+                torch.meshgrid(torch.arange(self.grid[0]), torch.arange(self.grid[1]), indexing="ij")
+            )
+            self.register_buffer(
+                "pos_table", sinusoidal_2d(cells.flip(0).flatten(1).T, dim), persistent=False
+            )
+        if aggregation == "transformer":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            layer = nn.TransformerEncoderLayer(
+                dim, n_heads, 4 * dim, dropout, batch_first=True, norm_first=True, activation="gelu"
+            )
+            self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _aggregate(self, tokens: torch.Tensor, indicators: torch.Tensor) -> torch.Tensor:
+        if self.aggregation == "max":
+            return tokens.max(dim=1).values
+        if self.aggregation == "mean":
+            return tokens.mean(dim=1)
+        if self.pos_encoding != "none":  # slot k's position = Σ_n Ŷ[k, n] E[n] ("Dense(indicators)")
+            tokens = tokens + indicators.to(tokens.dtype) @ self.pos_table
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return self.norm(self.transformer(torch.cat([cls, tokens], dim=1))[:, 0])
+
+    def forward(
+        self, x_low: torch.Tensor | None = None, x_high: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        if x_high is None:
+            raise ValueError("DPS.forward needs x_high (B, C, H, W); x_low is optional")
+        sizes = check_shape(x_high, ["B", str(self.in_channels), "H", "W"], "x_high")
+        if x_low is None:
+            x_low = F.interpolate(x_high, scale_factor=self.low_scale, mode="area")
+        check_shape(x_low, [str(sizes["B"]), str(self.in_channels), "h", "w"], "x_low")
+        candidates = cell_coords((sizes["H"], sizes["W"]), self.grid, self.patch_size, device=x_high.device)
+        scores = self.scorer(x_low)  # (B, N)
+        indicators = self.topk(scores)  # soft in training, hard in eval
+        idx = sorted_topk_indices(scores.detach(), self.k)
+        if self.training:
+            patches = soft_patches(x_high, indicators, candidates, self.patch_size)
+        else:
+            patches = hard_patches(x_high, idx, candidates, self.patch_size)
+        b = sizes["B"]
+        tokens = self.encoder(patches.flatten(0, 1)).view(b, self.k, -1)
+        embedding = self._aggregate(tokens, indicators)
+        probs = scores.softmax(dim=-1)
+        out: dict[str, Any] = {
+            "logits": self.head(embedding),
+            "indicators": indicators,
+            "attention": probs,
+            "scores": scores,
+            "selected_idx": idx,
+            "selected_coords": candidates[idx],
+            "embedding": embedding,
+            "aux_loss": {},
+        }
+        if self.entropy_weight > 0:
+            entropy = -(probs * torch.log(probs + 1e-6)).sum(-1).mean()
+            out["aux_loss"]["entropy"] = -self.entropy_weight * entropy
+        return out

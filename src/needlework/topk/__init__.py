@@ -1,0 +1,40 @@
+"""Differentiable top-K selection by perturbed optimisers, and patch extraction from indicators.
+
+``perturbed_topk(scores, k, sigma, n_samples)`` returns soft indicators ``(B, k, N)`` whose backward is
+the correct outer-product Jacobian ``E[Y Zᵀ]/σ`` computed from the sampled indices only
+(METHODS.md §4); :class:`PerturbedTopK` is the module form with σ schedules.
+"""
+
+from needlework.topk.module import SCHEDULES, PerturbedTopK, scheduled_sigma
+from needlework.topk.patches import (
+    cell_coords,
+    extract_patches,
+    grid_coords,
+    hard_patches,
+    soft_patches,
+    support_indices,
+)
+from needlework.topk.perturbed import (
+    JACOBIANS,
+    hard_topk,
+    normalize_scores,
+    perturbed_topk,
+    sorted_topk_indices,
+)
+
+__all__ = [
+    "JACOBIANS",
+    "SCHEDULES",
+    "PerturbedTopK",
+    "cell_coords",
+    "extract_patches",
+    "grid_coords",
+    "hard_patches",
+    "hard_topk",
+    "normalize_scores",
+    "perturbed_topk",
+    "scheduled_sigma",
+    "soft_patches",
+    "sorted_topk_indices",
+    "support_indices",
+]

@@ -1,0 +1,156 @@
+"""Patch extraction for selection models: candidate grids, integer gathers and soft patch mixtures.
+
+Coordinates are top-left ``(x, y)`` = (column, row) in the pixels of the image they are cut from;
+pixels outside the image read as zero. A candidate grid is an ``(N, 2)`` int64 tensor; candidate
+``n`` of an ``(gh, gw)`` grid is cell ``(n // gw, n % gw)`` (row-major).
+
+* :func:`grid_coords` — regular sliding grid (IPS: non-overlapping ``P × P`` patches, stride P).
+* :func:`cell_coords` — one patch centred on each cell of a ``(gh, gw)`` grid (DPS).
+* :func:`extract_patches` — ``(B, K, C, Ph, Pw)`` at integer coordinates (one vectorised gather).
+* :func:`soft_patches` — DPS patches ``X_k = Σ_n Ŷ[k, n] · patch_n`` computed on the support of the
+  indicators only (METHODS.md §5.2): the patches of cells that no noise draw selected are never cut.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from needlework.checks import check_shape
+
+
+def _pair(size: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def grid_coords(
+    image_hw: tuple[int, int],
+    patch_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Top-left ``(x, y)`` of every patch of a sliding grid that lies inside the image, ``(N, 2)``.
+
+    Example:
+        >>> grid_coords((100, 150), 50).tolist()
+        [[0, 0], [50, 0], [100, 0], [0, 50], [50, 50], [100, 50]]
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    sh, sw = _pair(stride if stride is not None else (ph, pw), "stride")
+    h, w = image_hw
+    if h < ph or w < pw:
+        raise ValueError(f"image of size {(h, w)} is smaller than patch_size {(ph, pw)}")
+    ys = torch.arange(0, h - ph + 1, sh, device=device)
+    xs = torch.arange(0, w - pw + 1, sw, device=device)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+
+def cell_coords(
+    image_hw: tuple[int, int],
+    grid_hw: tuple[int, int],
+    patch_size: int | tuple[int, int],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Top-left ``(x, y)`` of a patch centred on each cell of a ``grid_hw`` grid, ``(gh·gw, 2)``.
+
+    Cell ``(i, j)`` has stride ``s = H // gh`` and the patch starts at ``i·s − (P − s) // 2`` (may be
+    negative: the part outside the image is zero), as in the DPS reference.
+
+    Example:
+        >>> cell_coords((100, 100), (2, 2), 60).tolist()
+        [[-5, -5], [45, -5], [-5, 45], [45, 45]]
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    gh, gw = _pair(tuple(grid_hw), "grid_hw")
+    sh, sw = image_hw[0] // gh, image_hw[1] // gw
+    if sh < 1 or sw < 1:
+        raise ValueError(f"grid {grid_hw} is finer than the image {tuple(image_hw)}")
+    ys = torch.arange(gh, device=device) * sh - (ph - sh) // 2
+    xs = torch.arange(gw, device=device) * sw - (pw - sw) // 2
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+
+def extract_patches(
+    image: torch.Tensor, coords: torch.Tensor, patch_size: int | tuple[int, int]
+) -> torch.Tensor:
+    """Cut ``(B, K, C, Ph, Pw)`` patches at top-left ``coords (B, K, 2)`` (x, y) of ``image (B, C, H, W)``.
+
+    Pixels outside the image are zero. Differentiable with respect to ``image``.
+
+    Example:
+        >>> img = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> extract_patches(img, torch.tensor([[[2, 1], [3, 3]]]), 2)[0, :, 0].tolist()
+        [[[6.0, 7.0], [10.0, 11.0]], [[15.0, 0.0], [0.0, 0.0]]]
+    """
+    sizes = check_shape(image, ["B", "C", "H", "W"], "image")
+    check_shape(coords, [str(sizes["B"]), "K", "2"], "coords")
+    if coords.is_floating_point():
+        raise TypeError("coords must be integer pixel positions; use grid_sample for sub-pixel crops")
+    ph, pw = _pair(patch_size, "patch_size")
+    b, c, h, w = image.shape
+    k = coords.shape[1]
+    coords = coords.to(image.device)
+    rows = coords[..., 1:2] + torch.arange(ph, device=image.device)  # (B, K, Ph)
+    cols = coords[..., 0:1] + torch.arange(pw, device=image.device)  # (B, K, Pw)
+    inside = ((rows >= 0) & (rows < h)).unsqueeze(-1) & ((cols >= 0) & (cols < w)).unsqueeze(-2)
+    flat = rows.clamp(0, h - 1).unsqueeze(-1) * w + cols.clamp(0, w - 1).unsqueeze(-2)  # (B, K, Ph, Pw)
+    index = flat.reshape(b, 1, k * ph * pw).expand(b, c, k * ph * pw)
+    patches = image.reshape(b, c, h * w).gather(2, index).view(b, c, k, ph, pw).transpose(1, 2)
+    return patches * inside.unsqueeze(2).to(image.dtype)
+
+
+def support_indices(indicators: torch.Tensor) -> torch.Tensor:
+    """Candidate indices ``(B, U)`` covering every column where ``indicators (B, k, N)`` is non-zero.
+
+    ``U`` is the largest support size in the batch; shorter rows are filled with columns whose
+    indicators are all zero, so they contribute nothing.
+    """
+    used = (indicators.detach() != 0).any(dim=1)  # (B, N)
+    size = int(used.sum(dim=1).max())
+    order = torch.sort(used.to(torch.int8), dim=1, descending=True, stable=True).indices
+    return order[:, : max(size, 1)]
+
+
+def soft_patches(
+    image: torch.Tensor,
+    indicators: torch.Tensor,
+    candidates: torch.Tensor,
+    patch_size: int | tuple[int, int],
+) -> torch.Tensor:
+    """Soft patch mixture ``X_k = Σ_n Ŷ[k, n] · patch_n`` ``(B, k, C, Ph, Pw)``, cut on the support only.
+
+    Args:
+        image: ``(B, C, H, W)``.
+        indicators: ``(B, k, N)`` soft indicators (e.g. from :func:`perturbed_topk`).
+        candidates: ``(N, 2)`` top-left ``(x, y)`` of the N candidate patches.
+        patch_size: patch side(s).
+
+    The gradient with respect to ``Ŷ[k, n]`` is ``⟨∂L/∂X_k, patch_n⟩`` on the support and zero elsewhere —
+    the only entries the perturbed top-K backward reads. Memory is O(|support| · C · Ph · Pw).
+
+    Example:
+        >>> img = torch.rand(2, 1, 40, 40)
+        >>> y = torch.zeros(2, 1, 16); y[:, 0, 5] = 0.75; y[:, 0, 6] = 0.25
+        >>> cand = cell_coords((40, 40), (4, 4), 10)
+        >>> x = soft_patches(img, y, cand, 10)
+        >>> torch.allclose(x[:, 0], 0.75 * img[:, :, 10:20, 10:20] + 0.25 * img[:, :, 10:20, 20:30])
+        True
+    """
+    sizes = check_shape(indicators, ["B", "k", "N"], "indicators")
+    check_shape(candidates, [str(sizes["N"]), "2"], "candidates")
+    support = support_indices(indicators)  # (B, U)
+    weights = indicators.gather(2, support.unsqueeze(1).expand(-1, sizes["k"], -1))  # (B, k, U)
+    patches = extract_patches(image, candidates.to(image.device)[support], patch_size)  # (B, U, C, Ph, Pw)
+    return torch.einsum("bku,bu...->bk...", weights.to(patches.dtype), patches)
+
+
+def hard_patches(
+    image: torch.Tensor, idx: torch.Tensor, candidates: torch.Tensor, patch_size: int | tuple[int, int]
+) -> torch.Tensor:
+    """Patches ``(B, K, C, Ph, Pw)`` of the candidates ``idx (B, K)`` (inference path)."""
+    check_shape(idx, ["B", "K"], "idx")
+    return extract_patches(image, candidates.to(image.device)[idx], patch_size)
