@@ -72,3 +72,12 @@ def pad_bags(samples: list[dict]) -> dict:
     except ImportError:
         from needlework.data.level_collate import pad_bag_levels as library_pad_bags
     return library_pad_bags(samples)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """MIL tests use tiny tensors: one thread avoids the synchronisation cost of two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

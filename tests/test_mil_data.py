@@ -8,7 +8,10 @@ import torch
 
 import needlework
 from needlework.data.mnist_bags import MNISTBags, grid_layout
-from tests.mil_helpers import pad_bags
+from tests.mil_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    pad_bags,
+)
 
 
 def test_registered_and_deterministic():

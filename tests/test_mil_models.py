@@ -7,7 +7,14 @@ import torch
 
 import needlework
 from needlework.models.mil import list_mil_models
-from tests.mil_helpers import grid_coords, level_inputs, make_model, planted_bags, run
+from tests.mil_helpers import (
+    grid_coords,
+    level_inputs,
+    make_model,
+    one_thread,  # noqa: F401  (autouse fixture)
+    planted_bags,
+    run,
+)
 
 MODELS = list_mil_models()
 

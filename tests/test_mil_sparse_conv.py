@@ -16,6 +16,7 @@ from needlework.ops.sparse_conv import (
     submanifold_conv2d,
 )
 from needlework.ops.sparse_map import coords_to_sites
+from tests.mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def random_sites(b: int, h: int, w: int, s: int, g: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from needlework.training import summary
+from tests.mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mil").glob("*.yaml"))
 

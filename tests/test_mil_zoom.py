@@ -7,6 +7,10 @@ import torch
 
 import needlework
 from needlework.ops.zoom import TensorTiles, ZoomRows, embed_rows
+from tests.mil_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    pad_bags,
+)
 
 
 def kron_zoom(indicators: torch.Tensor, children: torch.Tensor, r: int) -> torch.Tensor:
@@ -163,8 +167,6 @@ def test_aux_heads_learn_only_through_the_perturbed_topk():
 
 
 def test_zoommil_learns_planted_multilevel_bags():
-    from tests.mil_helpers import pad_bags
-
     torch.manual_seed(6)  # also passes with seeds 7 and 8
     ds = needlework.create_dataset("planted_bags", split="train", size=48, grid=4, levels=3, dim=8,
                                    signal=3.0, tissue_fraction=0.7, lesion_size=4)
