@@ -209,3 +209,38 @@ def test_spconv_backend_matches_default():
     g_alt = torch.autograd.grad((out_alt * upstream).sum(), (f, alt.weight, alt.bias))
     for a, e in zip(g_alt, g_ref):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_instances_without_and_with_replacement():
+    from needlework.ops.sparse_map import sample_instances
+
+    g = torch.Generator().manual_seed(8)
+    mask = torch.tensor([[True] * 6 + [False] * 4, [True] * 3 + [False] * 7])
+    w = sample_instances(mask, 4, generator=g)
+    assert w.sum(1).tolist() == [4.0, 3.0] and (w[~mask] == 0).all() and w.max() == 1
+    w = sample_instances(mask, 50, replacement=True, generator=g)
+    assert w.sum(1).tolist() == [50.0, 50.0] and (w[~mask] == 0).all() and w.max() > 1
+
+
+def test_weighted_scatter_mean_equals_duplicated_tiles():
+    """Sampling with replacement = averaging duplicated tiles on their site."""
+    coords = torch.tensor([[[0, 0], [10, 10], [300, 0]]])
+    feats = torch.tensor([[[1.0], [4.0], [7.0]]])
+    smap = coords_to_sites(coords, None, cell_size=256)
+    weights = torch.tensor([[2.0, 1.0, 3.0]])
+    dup = coords_to_sites(torch.tensor([[[0, 0], [0, 0], [10, 10], [300, 0]]]), None, cell_size=256)
+    expected = dup.scatter_mean(torch.tensor([[[1.0], [1.0], [4.0], [7.0]]]))
+    torch.testing.assert_close(smap.scatter_mean(feats, weights), expected)
+
+
+def test_sparseconvmil_tile_sampling_only_in_training():
+    from needlework.models.mil import SparseConvMIL
+
+    torch.manual_seed(9)
+    model = SparseConvMIL(in_dim=4, channels=(8,), tiles_per_bag=3, augment=False)
+    bag = torch.randn(2, 10, 4)
+    coords = torch.stack([torch.arange(10) * 256, torch.zeros(10, dtype=torch.long)], -1).expand(2, 10, 2)
+    out = model.train()(bag, coords)
+    assert ((out["attention"] > 0).sum(1) == 3).all()
+    torch.testing.assert_close(out["attention"].sum(1), torch.ones(2))
+    assert ((model.eval()(bag, coords)["attention"] > 0).sum(1) == 10).all()

@@ -48,17 +48,21 @@ class SparseMap:
         real = int((self.instance_site >= 0).sum())
         return 1.0 - len(self.sites) / max(real, 1)
 
-    def site_counts(self) -> torch.Tensor:
-        """Number of instances on each site, ``(S,)``."""
-        valid = self.instance_site[self.instance_site >= 0]
-        return torch.bincount(valid, minlength=len(self.sites))
-
-    def scatter_mean(self, features: torch.Tensor) -> torch.Tensor:
-        """Average the instance features ``(B, N, D)`` of each site → ``(S, D)``."""
+    def site_counts(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Number (or total ``weights`` ``(B, N)``) of instances on each site, ``(S,)``."""
         valid = self.instance_site >= 0
-        idx = self.instance_site[valid]
-        sums = features.new_zeros(len(self.sites), features.shape[-1]).index_add(0, idx, features[valid])
-        return sums / self.site_counts().clamp(min=1).to(features.dtype)[:, None]
+        w = None if weights is None else weights[valid]
+        return torch.bincount(self.instance_site[valid], weights=w, minlength=len(self.sites))
+
+    def scatter_mean(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Average the instance features ``(B, N, D)`` of each site → ``(S, D)``, optionally weighted
+        by ``weights`` ``(B, N)`` (e.g. how often a tile was sampled)."""
+        valid = self.instance_site >= 0
+        idx, f = self.instance_site[valid], features[valid]
+        if weights is not None:
+            f = f * weights[valid].to(f.dtype)[:, None]
+        sums = features.new_zeros(len(self.sites), features.shape[-1]).index_add(0, idx, f)
+        return sums / self.site_counts(weights).clamp(min=1e-12).to(features.dtype)[:, None]
 
 
 def coords_to_sites(coords: torch.Tensor, mask: torch.Tensor | None, cell_size: float) -> SparseMap:
@@ -84,3 +88,22 @@ def coords_to_sites(coords: torch.Tensor, mask: torch.Tensor | None, cell_size: 
     instance_site = torch.full((b, n), -1, dtype=torch.long, device=coords.device)
     instance_site[mask] = inverse
     return SparseMap(sites=sites, instance_site=instance_site, batch_size=b)
+
+
+def sample_instances(
+    mask: torch.Tensor, k: int, replacement: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw ``k`` real instances per bag; returns how often each was drawn, ``(B, N)`` float.
+
+    Without replacement a bag with fewer than ``k`` real instances keeps them all; with replacement
+    (SparseConvMIL's reference) counts follow a multinomial over the real instances.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    if replacement:
+        draws = torch.multinomial(mask.float(), k, replacement=True, generator=generator)
+        ones = torch.ones(draws.shape, device=mask.device)
+        return torch.zeros(mask.shape, device=mask.device).scatter_add_(1, draws, ones)
+    keys = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, -1.0)
+    rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
+    return ((rank < k) & mask).float()

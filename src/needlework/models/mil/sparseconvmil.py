@@ -1,5 +1,7 @@
 """SparseConvMIL (Lerousseau et al., MICCAI COMPAY 2021) on tile features (METHODS.md §9).
 
+0. Optionally (training only) sample ``tiles_per_bag`` tiles per bag, without replacement by default or
+   with replacement as the reference (a tile drawn twice counts twice in its site's mean).
 1. Optionally augment the tile coordinates (training only): translation by up to one site, rotation in
    radians (or right angles), flips, per-axis scaling — :func:`needlework.ops.coord_augment.augment_coords`.
 2. Sparse map: tile at level-0 ``(x, y)`` → site ``⌊(· − min)/cell_size⌋``; tiles sharing a site are
@@ -32,7 +34,7 @@ from torch import nn
 from needlework.models.mil.common import MILModel, register_mil_model
 from needlework.ops.coord_augment import augment_coords
 from needlework.ops.sparse_conv import SubmanifoldConv2d, neighbor_table, sparse_global_mean
-from needlework.ops.sparse_map import coords_to_sites
+from needlework.ops.sparse_map import coords_to_sites, sample_instances
 
 
 class SparseConvMIL(MILModel):
@@ -53,6 +55,8 @@ class SparseConvMIL(MILModel):
         flip: random axis flips.
         scale: per-axis scale range, None = none (reference: (0.7, 1.3)).
         translate: random translation up to one ``cell_size``.
+        tiles_per_bag: tiles sampled per bag in training (None = all; evaluation always uses all).
+        sample_with_replacement: sample with replacement (reference) instead of without.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class SparseConvMIL(MILModel):
         flip: bool = True,
         scale: tuple[float, float] | None = (0.7, 1.3),
         translate: bool = True,
+        tiles_per_bag: int | None = None,
+        sample_with_replacement: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if cell_size <= 0:
@@ -77,6 +83,7 @@ class SparseConvMIL(MILModel):
         self.cell_size, self.kernel_size, self.backend = float(cell_size), kernel_size, backend
         self.augment, self.rotation, self.flip, self.translate = augment, rotation, flip, translate
         self.scale = tuple(scale) if scale is not None else None
+        self.tiles_per_bag, self.sample_with_replacement = tiles_per_bag, sample_with_replacement
         widths = [in_dim, *channels]
         self.convs = nn.ModuleList(
             SubmanifoldConv2d(a, b, kernel_size, backend=backend) for a, b in itertools.pairwise(widths)
@@ -94,21 +101,28 @@ class SparseConvMIL(MILModel):
         if coords is None:
             raise ValueError("SparseConvMIL needs coords (B, N, 2): level-0 (x, y) of every tile")
         mask = self._check(bag, coords, mask)
+        weights = None
+        if self.training and self.tiles_per_bag is not None:
+            weights = sample_instances(mask, self.tiles_per_bag, self.sample_with_replacement)
+            mask = mask & (weights > 0)
         if self.training and self.augment:
             coords = augment_coords(
                 coords, mask, flip=self.flip, rotation=self.rotation, scale=self.scale,
                 translate=self.cell_size if self.translate else 0.0,
             )
         smap = coords_to_sites(coords, mask, self.cell_size)
-        x = smap.scatter_mean(bag)  # (S, D)
+        x = smap.scatter_mean(bag, weights)  # (S, D)
         nbr = neighbor_table(smap.sites, self.kernel_size) if self.backend == "torch" else None
         for conv in self.convs:
             x = torch.relu(conv(x, nbr, sites=smap.sites, batch_size=smap.batch_size))
         z = sparse_global_mean(x, smap.batch_index, smap.batch_size)
-        # each tile's weight in the global mean: 1 / (sites in its bag · tiles on its site)
+        # each tile's weight in the global mean: w / (sites in its bag · total w on its site)
         sites_per_bag = torch.bincount(smap.batch_index, minlength=smap.batch_size).to(bag.dtype)
-        site_weight = 1.0 / (sites_per_bag[smap.batch_index] * smap.site_counts().to(bag.dtype))
-        attention = torch.where(mask, site_weight[smap.instance_site.clamp(min=0)], bag.new_zeros(()))
+        site_weight = 1.0 / (sites_per_bag[smap.batch_index] * smap.site_counts(weights).to(bag.dtype))
+        tile_weight = site_weight[smap.instance_site.clamp(min=0)]
+        if weights is not None:
+            tile_weight = tile_weight * weights.to(bag.dtype)
+        attention = torch.where(mask, tile_weight, bag.new_zeros(()))
         return {
             "logits": self.classifier(z),
             "attention": attention,
