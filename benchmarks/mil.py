@@ -58,7 +58,7 @@ RESULTS = Path(__file__).parent / "results" / "mil.json"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "small": {
-        "mnist_bags": {"train": 160, "test": 160, "epochs": 3, "batch": 8, "lr": 5e-4},
+        "mnist_bags": {"train": 160, "test": 160, "epochs": 5, "batch": 8, "lr": 1e-3},
         "planted": {"train": 200, "test": 160, "epochs": 12, "batch": 16, "lr": 1e-3},
         "repeats": 1,
     },
@@ -87,7 +87,8 @@ HEAD_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
         "abmil": {"embed_dim": 128, "attention_dim": 64},
         "abmil.gated": {"embed_dim": 128, "attention_dim": 64},
         "clam_sb": {"dropout": 0.0},
-        "transmil": {"dim": 128, "heads": 4, "ppeg_layout": "coords", "coord_stride": 256},
+        "transmil": {"dim": 128, "heads": 4, "num_landmarks": 32, "ppeg_layout": "coords",
+                     "coord_stride": 256},
         "sparseconvmil": {"cell_size": 256, "rotation": "right_angles", "scale": None},
         "dsmil": {"embed_dim": 128},
         "zoommil": {"num_levels": 3, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.0, "k": 4,
