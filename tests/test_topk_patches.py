@@ -128,13 +128,13 @@ def test_hard_patches_equal_soft_patches_of_hard_indicators():
         (
             lambda: extract_patches(torch.rand(1, 8, 8), torch.zeros(1, 1, 2, dtype=torch.long), 2),
             ValueError,
-            "image must have shape",
+            "images must have shape",
         ),
         (lambda: extract_patches(torch.rand(1, 1, 8, 8), torch.zeros(1, 1, 2), 2), TypeError, "integer"),
         (
             lambda: extract_patches(torch.rand(2, 1, 8, 8), torch.zeros(1, 1, 2, dtype=torch.long), 2),
             ValueError,
-            "coords must have shape",
+            "offsets must have shape",
         ),
         (lambda: grid_coords((10, 10), 20), ValueError, "smaller than patch_size"),
         (lambda: grid_coords((10, 10), 0), ValueError, "patch_size must be"),

@@ -25,7 +25,7 @@ def build_task(path: Path):
 
 def test_there_are_dps_and_ips_configs_for_both_variants_and_scales():
     names = {p.stem for p in CONFIGS}
-    assert {"dps", "dps_ats", "dps_multilabel", "dps_paper", "ips", "ips_ats", "ips_paper"} <= names
+    assert {"dps", "dps_ats", "dps_multilabel", "dps_1500", "ips", "ips_ats", "ips_1500"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -36,7 +36,7 @@ def test_config_builds_its_model_and_cpu_configs_run_a_forward(path):
     if data["dataset"] in list_datasets():  # registered once branch `ats` is merged
         ds = DatasetDataModule(**data).dataset("val")
         assert "x_high" in ds[0]
-    if path.stem.endswith("_paper"):
+    if path.stem.endswith("_1500"):
         return  # 1500² forward is GPU work
     kwargs = cfg["model"]["init_args"]["model_kwargs"]
     if "total_steps" in kwargs:  # σ decays over exactly the planned training steps

@@ -6,7 +6,7 @@ pixels outside the image read as zero. A candidate grid is an ``(N, 2)`` int64 t
 
 * :func:`grid_coords` — regular sliding grid (IPS: non-overlapping ``P × P`` patches, stride P).
 * :func:`cell_coords` — one patch centred on each cell of a ``(gh, gw)`` grid (DPS).
-* :func:`extract_patches` — ``(B, K, C, Ph, Pw)`` at integer coordinates (one vectorised gather).
+* :func:`extract_patches` — ``(B, K, C, Ph, Pw)`` at integer coordinates (re-exported from ``ats``).
 * :func:`soft_patches` — DPS patches ``X_k = Σ_n Ŷ[k, n] · patch_n`` computed on the support of the
   indicators only (METHODS.md §5.2): the patches of cells that no noise draw selected are never cut.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from needlework.ats.patches import extract_patches
 from needlework.checks import check_shape
 
 
@@ -72,35 +73,6 @@ def cell_coords(
     xs = torch.arange(gw, device=device) * sw - (pw - sw) // 2
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
-
-
-def extract_patches(
-    image: torch.Tensor, coords: torch.Tensor, patch_size: int | tuple[int, int]
-) -> torch.Tensor:
-    """Cut ``(B, K, C, Ph, Pw)`` patches at top-left ``coords (B, K, 2)`` (x, y) of ``image (B, C, H, W)``.
-
-    Pixels outside the image are zero. Differentiable with respect to ``image``.
-
-    Example:
-        >>> img = torch.arange(16.0).view(1, 1, 4, 4)
-        >>> extract_patches(img, torch.tensor([[[2, 1], [3, 3]]]), 2)[0, :, 0].tolist()
-        [[[6.0, 7.0], [10.0, 11.0]], [[15.0, 0.0], [0.0, 0.0]]]
-    """
-    sizes = check_shape(image, ["B", "C", "H", "W"], "image")
-    check_shape(coords, [str(sizes["B"]), "K", "2"], "coords")
-    if coords.is_floating_point():
-        raise TypeError("coords must be integer pixel positions; use grid_sample for sub-pixel crops")
-    ph, pw = _pair(patch_size, "patch_size")
-    b, c, h, w = image.shape
-    k = coords.shape[1]
-    coords = coords.to(image.device)
-    rows = coords[..., 1:2] + torch.arange(ph, device=image.device)  # (B, K, Ph)
-    cols = coords[..., 0:1] + torch.arange(pw, device=image.device)  # (B, K, Pw)
-    inside = ((rows >= 0) & (rows < h)).unsqueeze(-1) & ((cols >= 0) & (cols < w)).unsqueeze(-2)
-    flat = rows.clamp(0, h - 1).unsqueeze(-1) * w + cols.clamp(0, w - 1).unsqueeze(-2)  # (B, K, Ph, Pw)
-    index = flat.reshape(b, 1, k * ph * pw).expand(b, c, k * ph * pw)
-    patches = image.reshape(b, c, h * w).gather(2, index).view(b, c, k, ph, pw).transpose(1, 2)
-    return patches * inside.unsqueeze(2).to(image.dtype)
 
 
 def support_indices(indicators: torch.Tensor) -> torch.Tensor:
