@@ -1,16 +1,20 @@
-"""MIL zoo benchmark: every MIL model, side by side, on two (or more) bag datasets.
+"""MIL zoo benchmark: every MIL model, side by side, on three bag datasets.
 
 Settings:
 
 * ``mnist_bags`` — MNIST-bags (Ilse et al.; DATASETS.md §6): a LeNet instance encoder trained end-to-end
   with each aggregator on padded pixel bags (``lenet_mil``), the ABMIL paper's setup;
+* ``slides`` — bags of the synthetic-slide cohort of the slide pipeline (``benchmarks/mil_slides.py``:
+  pyramidal TIFFs with small planted lesions → 64-px tiles at 40× → ``color_stats`` features → patient-level
+  folds, trained on a fold's train + validation slides and tested on its test slides; repeat ``i`` uses
+  fold ``i mod 4``). Skipped when ``needlework.slides`` is not installed.
 * ``planted`` — planted feature bags (:mod:`needlework.data.planted_bags`): 32-d tile features of
   slide-like grids at three magnifications (4 children per parent) with a 4×4-tile lesion (at the highest
   magnification, signal 2σ) in positive slides. Single-level models see the highest magnification
   (about 350 tiles per slide); ZoomMIL starts from the lowest (about 22 tiles) and zooms into k = 4 tiles
   per level.
 
-For each (setting, model, repeat) one fresh process trains with Adam on padded batches, then evaluates on
+For each (setting, model, repeat) a fresh model trains with Adam on padded batches, then is evaluated on
 the test split: accuracy, balanced accuracy, AUROC, weighted F1, cross-entropy, and the AUROC of the
 attention against the instance labels on positive bags ("inst AUROC", localisation). Also reported:
 parameters, training throughput (bags per second of forward + backward + step, data excluded), the
@@ -23,8 +27,8 @@ allocated).
 Results: a table on stdout and ``benchmarks/results/mil.json``.
 
 Usage:
-    python benchmarks/mil.py --preset small            # about 5–10 min on 2 CPU cores
-    python benchmarks/mil.py --preset full --repeats 5  # the fuller run
+    python benchmarks/mil.py --preset small   # about 5–10 min on one CPU thread
+    python benchmarks/mil.py --preset full    # the fuller run (4 repeats each: mean ± std)
     python benchmarks/mil.py --models abmil dsmil --settings planted
 """
 
@@ -43,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import ConcatDataset
 from torchmetrics.functional.classification import (
     binary_auroc,
     multiclass_accuracy,
@@ -50,52 +55,14 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+import mil_slides  # benchmarks/mil_slides.py, next to this script
 import needlework
+from mil_settings import DATASETS, HEAD_KWARGS, MULTI_LEVEL, PRESETS
 from needlework.data.level_collate import pad_bag_levels
 from needlework.models.mil import list_mil_models
 
 RESULTS = Path(__file__).parent / "results" / "mil.json"
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "small": {
-        "mnist_bags": {"train": 160, "test": 160, "epochs": 5, "batch": 8, "lr": 1e-3},
-        "planted": {"train": 200, "test": 160, "epochs": 12, "batch": 16, "lr": 1e-3},
-        "repeats": 1,
-    },
-    "full": {
-        "mnist_bags": {"train": 200, "test": 1000, "epochs": 20, "batch": 8, "lr": 5e-4},
-        "planted": {"train": 1000, "test": 1000, "epochs": 30, "batch": 16, "lr": 1e-3},
-        "repeats": 5,
-    },
-}
-
-DATASETS = {
-    "mnist_bags": ("mnist_bags", {"mean_bag_length": 10, "std_bag_length": 2}),
-    "planted": ("planted_bags", {"grid": 6, "levels": 3, "dim": 32, "tissue_fraction": 0.6,
-                                 "lesion_size": 4, "signal": 2.0}),
-}
-
-# aggregator settings per dataset (LeNet features are 500-d; planted features 32-d)
-HEAD_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
-    "mnist_bags": {
-        "abmil": {"embed_dim": None, "attention_dim": 128},
-        "abmil.gated": {"embed_dim": None, "attention_dim": 128},
-        "transmil": {"dim": 128, "heads": 4},
-        "sparseconvmil": {"cell_size": 28},
-    },
-    "planted": {
-        "abmil": {"embed_dim": 128, "attention_dim": 64},
-        "abmil.gated": {"embed_dim": 128, "attention_dim": 64},
-        "clam_sb": {"dropout": 0.0},
-        "transmil": {"dim": 128, "heads": 4, "num_landmarks": 32, "ppeg_layout": "coords",
-                     "coord_stride": 256},
-        "sparseconvmil": {"cell_size": 256, "rotation": "right_angles", "scale": None},
-        "dsmil": {"embed_dim": 128},
-        "zoommil": {"num_levels": 3, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.0, "k": 4,
-                    "sigma": 0.05, "n_samples": 50},
-    },
-}
-MULTI_LEVEL = {"zoommil"}  # models that take every magnification; the others get the highest one
 
 
 def applicable(setting: str, name: str) -> bool:
@@ -113,11 +80,25 @@ def single_level(batch: dict, level: int) -> dict:
     return out
 
 
-def build_model(setting: str, name: str) -> torch.nn.Module:
+def build_model(setting: str, name: str, in_dim: int) -> torch.nn.Module:
     kwargs = HEAD_KWARGS[setting].get(name, {})
     if setting == "mnist_bags":
         return needlework.create_model("lenet_mil", num_classes=2, mil=name, mil_kwargs=kwargs)
-    return needlework.create_model(name, in_dim=DATASETS[setting][1]["dim"], num_classes=2, **kwargs)
+    return needlework.create_model(name, in_dim=in_dim, num_classes=2, **kwargs)
+
+
+def make_splits(setting: str, cfg: dict, seed: int) -> tuple[Any, Any]:
+    """Train and test datasets of ``setting`` for repeat ``seed``."""
+    dataset_name, kwargs = DATASETS[setting]
+    if setting == "slides":
+        paths = mil_slides.prepare(cfg["slides"])
+        split_file = Path(paths["splits_dir"]) / f"splits_{seed % paths['folds']}.csv"
+        common = {"features_dir": paths["features_dir"], "labels_csv": paths["labels_csv"],
+                  "split_file": str(split_file), "cache": True}
+        train = [needlework.create_dataset(dataset_name, split=part, **common) for part in ("train", "val")]
+        return ConcatDataset(train), needlework.create_dataset(dataset_name, split="test", **common)
+    return (needlework.create_dataset(dataset_name, split="train", size=cfg["train"], seed=seed, **kwargs),
+            needlework.create_dataset(dataset_name, split="test", size=cfg["test"], seed=seed, **kwargs))
 
 
 def _status_mb(field: str) -> float | None:
@@ -195,13 +176,11 @@ def run_one(setting: str, name: str, seed: int, cfg: dict, device: str, threads:
     """Train and evaluate one model."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    dataset_name, kwargs = DATASETS[setting]
-    train = needlework.create_dataset(dataset_name, split="train", size=cfg["train"], seed=seed, **kwargs)
-    test = needlework.create_dataset(dataset_name, split="test", size=cfg["test"], seed=seed, **kwargs)
-    levels = kwargs.get("levels", 1)
+    train, test = make_splits(setting, cfg, seed)
+    levels = DATASETS[setting][1].get("levels", 1)
     level = 0 if name in MULTI_LEVEL else levels - 1
     test_batches = batches(test, 32, None, device, level)
-    model = build_model(setting, name).to(device)
+    model = build_model(setting, name, int(train[0]["bag"].shape[-1])).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -255,7 +234,8 @@ def warm_up(settings: list[str], device: str, threads: int) -> None:
     """One tiny untimed run per setting, so one-time allocations are not charged to the first model."""
     tiny = {"train": 8, "test": 8, "epochs": 1, "batch": 4, "lr": 1e-3}
     for setting in settings:
-        run_one(setting, "abmil", 0, tiny, device, threads)
+        if setting != "slides":  # slide bags come from files; the other warm-ups cover the allocations
+            run_one(setting, "abmil", 0, tiny, device, threads)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -312,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--repeats", type=int, default=None, help="seeds per model (default: the preset's)")
     parser.add_argument("--models", nargs="*", default=None, help="default: every registered MIL model")
-    parser.add_argument("--settings", nargs="*", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--settings", nargs="*", default=None, choices=list(DATASETS),
+                        help="default: all (slides only when needlework.slides is installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (CPU)")
     parser.add_argument("--isolate", action="store_true",
@@ -322,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     repeats = args.repeats or preset["repeats"]
     models = args.models or list_mil_models()
+    if args.settings is None:
+        args.settings = [s for s in DATASETS if s != "slides" or mil_slides.available()]
+        if "slides" not in args.settings:
+            print("note: needlework.slides is not installed: the slides setting is skipped")
+    elif "slides" in args.settings and not mil_slides.available():
+        parser.error("--settings slides needs the slide pipeline (needlework.slides)")
     results: dict[str, dict[str, Any]] = {s: {} for s in args.settings}
     start = time.time()
     if not args.isolate:
