@@ -65,13 +65,11 @@ def planted_bags(b: int, n: int, d: int, generator: torch.Generator) -> tuple[to
 
 
 def pad_bags(samples: list[dict]) -> dict:
-    """The library's ``pad_bags`` collate when ``needlework.data.collate`` provides it, else
-    ``pad_bag_levels`` (a superset for single-level bags)."""
-    try:
-        from needlework.data.collate import pad_bags as library_pad_bags
-    except ImportError:
-        from needlework.data.level_collate import pad_bag_levels as library_pad_bags
-    return library_pad_bags(samples)
+    """Padding collate for every bag kind of these tests (pixel bags, several levels, extra per-instance
+    keys): ``pad_bag_levels`` (the library's ``pad_bags`` takes ``(N, D)`` feature bags only)."""
+    from needlework.data.level_collate import pad_bag_levels
+
+    return pad_bag_levels(samples)
 
 
 @pytest.fixture(autouse=True)

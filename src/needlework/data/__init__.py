@@ -1,10 +1,20 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
+from needlework.data import bags  # noqa: F401  (registers "slide_bags")
+from needlework.data.collate import pad_bags
 from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
 from needlework.data.mnist_bags import MNISTBags
 from needlework.data.needle_mnist import NeedleMNIST
 from needlework.data.planted_bags import PlantedBags
 
-__all__ = ["DataSourceError", "DigitPool", "MegapixelMNIST", "MegapixelMNISTIPS", "NeedleMNIST", "digit_pool"]
+__all__ = [
+    "DataSourceError",
+    "DigitPool",
+    "MegapixelMNIST",
+    "MegapixelMNISTIPS",
+    "NeedleMNIST",
+    "digit_pool",
+    "pad_bags",
+]
 __all__ += ["MNISTBags", "PlantedBags"]

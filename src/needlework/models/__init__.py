@@ -1,6 +1,7 @@
 """Models. Importing this package registers every built-in model (one import line per module)."""
 
 from needlework.models import (
+    encoders,  # noqa: F401  (registers the built-in tile encoders)
     mil,  # noqa: F401  (registers the MIL zoo)
     selection_presets,  # noqa: F401  (registers dps/ips presets)
 )

@@ -1,0 +1,241 @@
+"""Loading tile encoders: local state dicts, timm, torchvision and Hugging Face models.
+
+``build_tile_encoder(spec, weights=None)`` accepts
+
+* a registered name (``"resnet50_trunc"``, ``"resnet8"``, ``"color_stats"``; ``needlework list encoders``),
+  with an optional local state-dict file;
+* ``"timm:<model>"`` (also ``"timm:hf_hub:<repo>"``) — needs ``pip install 'needlework[timm]'``;
+* ``"torchvision:<model>"`` — torchvision's architecture, weights from a local file;
+* ``"hf:<repo or local folder>"`` — a ``transformers`` vision model (CLS token or pooler output).
+
+timm, torchvision and transformers are optional and are imported only here, inside the functions. Weights
+are never downloaded unless ``pretrained=True`` is asked for. A local-checkpoint registry (JSON
+``{name: path}``, path in ``$NEEDLEWORK_LOCAL_CKPTS``; TRIDENT's ``local_ckpts.json`` idea) supplies
+weights to offline users by encoder name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from needlework.models.encoders import IMAGENET_MEAN, IMAGENET_STD, TileEncoder
+from needlework.registry import create_encoder
+
+HEAD_PREFIXES = ("fc.", "head.", "classifier.", "heads.", "head_drop.", "layer4.")
+LOCAL_CKPTS_ENV = "NEEDLEWORK_LOCAL_CKPTS"
+
+
+class EncoderUnavailableError(ImportError):
+    """An optional package needed for this encoder is not installed (or does not import)."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``, ``.safetensors``)
+    and unwrap the usual containers (``state_dict``, ``model``, ``module.`` / ``model.`` prefixes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise EncoderUnavailableError(
+                f"{path}: reading .safetensors needs `pip install safetensors`"
+            ) from exc
+        state: Any = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    for prefix in ("module.", "model.", "backbone.", "encoder."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights_into(module: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a state dict into ``module``; checkpoint keys of classifier heads (and of stages the module
+    does not have, e.g. ``layer4`` of a truncated ResNet) are ignored and returned.
+
+    Raises:
+        KeyError: parameters of ``module`` missing from the checkpoint, or unexpected keys that are
+            not heads (listing a few of each) — usually the wrong architecture.
+        ValueError: a parameter's shape differs.
+    """
+    state = load_state_dict_file(weights) if not isinstance(weights, Mapping) else dict(weights)
+    own = module.state_dict()
+    ignored = [k for k in state if k not in own and k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own and k not in ignored]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint does not match the encoder: {len(missing)} missing keys (e.g. {missing[:4]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]}); is it the right architecture?"
+        )
+    for k in own:
+        if k in state and state[k].shape != own[k].shape:
+            raise ValueError(
+                f"checkpoint key {k!r} has shape {tuple(state[k].shape)}, encoder expects "
+                f"{tuple(own[k].shape)}"
+            )
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return ignored
+
+
+def local_checkpoints(path: str | Path | None = None) -> dict[str, str]:
+    """The local-checkpoint registry ``{encoder name: weights path}`` (from ``path`` or
+    ``$NEEDLEWORK_LOCAL_CKPTS``)."""
+    path = path or os.environ.get(LOCAL_CKPTS_ENV)
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"local checkpoint registry not found: {path} (set by {LOCAL_CKPTS_ENV})")
+    data = json.loads(path.read_text())
+    base = path.parent
+    return {k: str((base / v) if not Path(v).is_absolute() else Path(v)) for k, v in data.items()}
+
+
+def _dry_dim(net: nn.Module, size: int) -> int:
+    with torch.no_grad():
+        return int(net(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
+
+
+def timm_encoder(model_name: str, weights: str | None = None, pretrained: bool = False) -> TileEncoder:
+    """A timm model without its head (``num_classes=0``); normalisation from timm's data config."""
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or torchvision's operator error on CPU-only torch
+        raise EncoderUnavailableError(
+            f"encoder 'timm:{model_name}' needs timm: pip install 'needlework[timm]' "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    try:
+        net = timm.create_model(model_name, pretrained=pretrained and weights is None, num_classes=0)
+    except Exception as exc:
+        raise RuntimeError(
+            f"timm could not build {model_name!r} ({exc}). Offline? Pass a local state dict with --weights."
+        ) from exc
+    if weights is not None:
+        load_weights_into(net, weights)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    enc = TileEncoder(
+        net,
+        int(getattr(net, "num_features", 0)) or _dry_dim(net, size),
+        f"timm:{model_name}",
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        size,
+        version=f"timm-{timm.__version__}:"
+        + (f"weights:{weights}" if weights else "pretrained" if pretrained else "random-init"),
+    )
+    return enc.eval()
+
+
+def torchvision_encoder(model_name: str, weights: str | None = None) -> TileEncoder:
+    """A torchvision architecture with its classifier replaced by ``Identity``; weights from a local file."""
+    try:
+        import torchvision
+    except Exception as exc:
+        raise EncoderUnavailableError(
+            f"encoder 'torchvision:{model_name}' needs a torchvision that imports with this torch "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    net = torchvision.models.get_model(model_name, weights=None)
+    if weights is not None:
+        load_weights_into(net, weights)
+    for head in ("fc", "classifier", "heads", "head"):
+        if hasattr(net, head):
+            setattr(net, head, nn.Identity())
+            break
+    enc = TileEncoder(
+        net,
+        _dry_dim(net.eval(), 224),
+        f"torchvision:{model_name}",
+        version=f"torchvision-{torchvision.__version__}:"
+        + (f"weights:{weights}" if weights else "random-init"),
+    )
+    return enc.eval()
+
+
+class _HFWrapper(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled.reshape(pooled.shape[0], -1)
+        return out.last_hidden_state[:, 0]
+
+
+def hf_encoder(repo: str, weights: str | None = None) -> TileEncoder:
+    """A Hugging Face ``transformers`` vision model (local folder or cached repo; no implicit download)."""
+    try:
+        import transformers
+    except Exception as exc:
+        raise EncoderUnavailableError(
+            f"encoder 'hf:{repo}' needs `pip install transformers` ({exc})"
+        ) from exc
+    local_only = not os.environ.get("NEEDLEWORK_ALLOW_DOWNLOAD")
+    try:
+        model = transformers.AutoModel.from_pretrained(repo, local_files_only=local_only)
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load {repo!r} from local files ({exc}); give a local folder, or set "
+            "NEEDLEWORK_ALLOW_DOWNLOAD=1 to allow a download"
+        ) from exc
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(repo, local_files_only=local_only)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+        size = int(proc.size.get("shortest_edge") or proc.size.get("height") or 224)
+    except Exception:
+        pass  # no processor config: ImageNet statistics
+    net = _HFWrapper(model)
+    if weights is not None:
+        load_weights_into(model, weights)
+    return TileEncoder(
+        net,
+        _dry_dim(net.eval(), size),
+        f"hf:{repo}",
+        mean,
+        std,
+        size,
+        version=f"transformers-{transformers.__version__}",
+    ).eval()
+
+
+def build_tile_encoder(
+    spec: str,
+    weights: str | None = None,
+    pretrained: bool = False,
+    local_ckpts: str | None = None,
+    **kwargs: Any,
+) -> TileEncoder:
+    """Build an encoder from a registered name or a ``timm:`` / ``torchvision:`` / ``hf:`` spec.
+
+    ``weights`` defaults to the local-checkpoint registry entry for ``spec`` when there is one.
+    """
+    if weights is None:
+        weights = local_checkpoints(local_ckpts).get(spec)
+    if spec.startswith("timm:"):
+        return timm_encoder(spec[5:], weights, pretrained)
+    if spec.startswith("torchvision:"):
+        return torchvision_encoder(spec[12:], weights)
+    if spec.startswith("hf:"):
+        return hf_encoder(spec[3:], weights)
+    return create_encoder(spec, weights=weights, **kwargs)

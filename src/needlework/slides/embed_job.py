@@ -1,0 +1,185 @@
+"""The embed job: tiles of every slide → ``features_<encoder>/<slide_id>.h5`` (resumable, Ray-shardable).
+
+Runs after :func:`needlework.slides.jobs.run_tiling` on the same job folder; a slide whose features file
+exists, has one row per tile and was made from the current patch file with the same encoder settings is
+skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from needlework.slides.h5io import read_coords, validate_features_h5, validate_patches_h5, write_features_h5
+from needlework.slides.jobs import (
+    SlideTask,
+    _failed,
+    _status,
+    features_dir_name,
+    make_tasks,
+    patches_path,
+    run_stage,
+)
+from needlework.slides.provenance import config_hash
+from needlework.slides.status import SlideLock, write_json_atomic
+
+
+@dataclass
+class EmbedJobConfig:
+    job_dir: str
+    tiling_dir_name: str
+    encoder: str = "resnet50_trunc"
+    weights: str | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+    tile_size: int | None = None  # default: the tiling patch size (or the encoder's fixed input size)
+    reader: str = "auto"
+    num_threads: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def tiling_dir(self) -> Path:
+        return Path(self.job_dir) / self.tiling_dir_name
+
+    @property
+    def features_dir(self) -> Path:
+        return self.tiling_dir / features_dir_name(self.encoder)
+
+
+def _embed_hash(cfg: EmbedJobConfig) -> str:
+    keys = ("encoder", "weights", "encoder_kwargs", "tile_size", "precision")
+    return config_hash({k: getattr(cfg, k) for k in keys})
+
+
+_ENCODERS: dict[str, torch.nn.Module] = {}
+
+
+def _encoder(cfg: EmbedJobConfig) -> torch.nn.Module:
+    """Build the encoder once per process (Ray workers and repeated slides reuse it)."""
+    key = json.dumps([cfg.encoder, cfg.weights, cfg.encoder_kwargs], sort_keys=True)
+    if key not in _ENCODERS:
+        from needlework.models.encoder_loading import build_tile_encoder
+
+        _ENCODERS[key] = build_tile_encoder(cfg.encoder, cfg.weights, **cfg.encoder_kwargs)
+    return _ENCODERS[key]
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
+    """Embed the tiles of one slide into ``features_<encoder>/<slide_id>.h5``; returns its status."""
+    from needlework.slides.embed import embed_tiles
+
+    t0 = time.time()
+    patches = patches_path(cfg.tiling_dir, task.slide_id)
+    out = cfg.features_dir / f"{task.slide_id}.h5"
+    state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
+    if not cfg.overwrite and validate_patches_h5(patches):
+        pcoords, pattrs = read_coords(patches)
+        n = len(pcoords)
+        if n and validate_features_h5(out, n):
+            fattrs = read_coords(out)[1]  # features files carry the patch attributes on their coords
+            same = fattrs.get("config_hash") == pattrs.get("config_hash")
+            if same and fattrs.get("embed_config_hash") == _embed_hash(cfg):
+                return _status(task, "embed", "skipped", n_tiles=n)
+    lock = SlideLock(state_dir / f"{task.slide_id}.lock")
+    if not lock.acquire():
+        return _status(task, "embed", "busy", error="locked by another worker")
+    try:
+        try:
+            if not patches.is_file():
+                raise FileNotFoundError(f"no patch file {patches}; run `needlework slides tile` first")
+            coords, attrs = read_coords(patches)
+            if len(coords) == 0:
+                status = _status(task, "embed", "no_tissue", n_tiles=0, seconds=round(time.time() - t0, 3))
+            else:
+                encoder = _encoder(cfg)
+                fixed = getattr(encoder, "input_size", None) if task_fixed_input(encoder) else None
+                tile_size = int(cfg.tile_size or fixed or attrs["patch_size"])
+                from tqdm.auto import tqdm
+
+                bar = tqdm(
+                    total=len(coords),
+                    desc=task.slide_id,
+                    unit="tile",
+                    leave=False,
+                    disable=None if cfg.progress else True,
+                )
+                with _threads(cfg.num_threads), bar:
+                    feats = embed_tiles(
+                        task.slide_path,
+                        coords,
+                        int(attrs["patch_size_level0"]),
+                        tile_size,
+                        encoder,
+                        cfg.batch_size,
+                        cfg.num_workers,
+                        cfg.precision,
+                        cfg.device,
+                        cfg.reader,
+                        progress=bar,
+                    )
+                meta = {k: v for k, v in attrs.items() if k not in ("layout",)}
+                meta.update(
+                    encoder=cfg.encoder,
+                    encoder_version=getattr(encoder, "version", ""),
+                    embed_dim=int(feats.shape[1]),
+                    tile_size=tile_size,
+                    precision=cfg.precision,
+                    embed_config_hash=_embed_hash(cfg),
+                )
+                write_features_h5(out, feats, coords, meta)
+                status = _status(
+                    task,
+                    "embed",
+                    "done",
+                    n_tiles=len(coords),
+                    embed_dim=int(feats.shape[1]),
+                    encoder=cfg.encoder,
+                    seconds=round(time.time() - t0, 3),
+                )
+        except Exception as exc:
+            status = _failed(task, "embed", exc, t0)
+        write_json_atomic(state_dir / f"{task.slide_id}.json", status)
+        return status
+    finally:
+        lock.release()
+
+
+def task_fixed_input(encoder: torch.nn.Module) -> bool:
+    """Encoders from timm / Hugging Face expect their training input size (ViTs); CNNs take any size."""
+    return str(getattr(encoder, "name", "")).startswith(("timm:", "hf:"))
+
+
+def run_embedding(
+    slides: str | Path | Sequence[str | Path],
+    cfg: EmbedJobConfig,
+    skip_errors: bool = False,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Embed the tiles of every slide (after :func:`run_tiling`); returns the run summary."""
+    tasks, _ = make_tasks(slides)
+    state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
+    return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address)
