@@ -12,6 +12,7 @@ from needlework.training import summary
 from tests.mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mil").glob("*.yaml"))
+SLIDE_CONFIG = Path(__file__).parents[1] / "configs" / "mil" / "slides" / "abmil_gated.yaml"
 
 
 @pytest.fixture
@@ -83,3 +84,32 @@ def test_summary_statistics(tmp_path):
     assert s["test/acc"]["std"] == pytest.approx(0.2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         summary.collect([tmp_path / "nope"])
+
+
+def test_slide_bag_config_trains_on_patient_level_folds(clean_argv, tmp_path, monkeypatch):
+    """The slide-bag config on a tiny cohort made by the slide pipeline, as its header describes."""
+    pytest.importorskip("needlework.slides", reason="needs the slide pipeline")
+    import csv
+
+    from needlework.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    root = Path("runs/mil_slides")
+    assert main(["slides", "synth", str(root / "cohort"), "--n-slides", "8", "--width", "2048", "--height",
+                 "1536", "--n-lesions", "3", "--lesion-radius", "30", "60"]) == 0
+    assert main(["slides", "tile", str(root / "cohort/slides"), "--job-dir", str(root / "job"),
+                 "--target-mag", "40", "--patch-size", "64", "--mpp-csv",
+                 str(root / "cohort/mpp_overrides.csv"), "--no-progress"]) == 0
+    assert main(["slides", "embed", str(root / "cohort/slides"), "--job-dir", str(root / "job"),
+                 "--encoder", "color_stats", "--num-workers", "0", "--no-progress"]) == 0
+    assert main(["slides", "splits", str(root / "cohort/labels.csv"), "--out", str(root / "splits"),
+                 "--k", "4"]) == 0
+    # patient-level: no patient has slides in two parts of a fold
+    patient = {r["slide_id"]: r["case_id"] for r in csv.DictReader(open(root / "cohort/labels.csv"))}
+    rows = list(csv.DictReader(open(root / "splits/splits_0.csv")))
+    parts = {p: {patient[r[p]] for r in rows if r[p]} for p in ("train", "val", "test")}
+    assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"])
+    assert main(["fit", "--config", str(SLIDE_CONFIG), "--trainer.max_epochs", "2",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]) == 0
+    metrics = json.loads(next(Path("runs/mil_slides_abmil_gated").rglob("metrics.json")).read_text())
+    assert {"test/auroc", "test/bacc"} <= set(metrics["test"])
