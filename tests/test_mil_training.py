@@ -105,8 +105,10 @@ def test_slide_bag_config_trains_on_patient_level_folds(clean_argv, tmp_path, mo
     assert main(["slides", "splits", str(root / "cohort/labels.csv"), "--out", str(root / "splits"),
                  "--k", "4"]) == 0
     # patient-level: no patient has slides in two parts of a fold
-    patient = {r["slide_id"]: r["case_id"] for r in csv.DictReader(open(root / "cohort/labels.csv"))}
-    rows = list(csv.DictReader(open(root / "splits/splits_0.csv")))
+    with open(root / "cohort/labels.csv") as f:
+        patient = {r["slide_id"]: r["case_id"] for r in csv.DictReader(f)}
+    with open(root / "splits/splits_0.csv") as f:
+        rows = list(csv.DictReader(f))
     parts = {p: {patient[r[p]] for r in rows if r[p]} for p in ("train", "val", "test")}
     assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"])
     assert main(["fit", "--config", str(SLIDE_CONFIG), "--trainer.max_epochs", "2",
