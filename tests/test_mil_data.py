@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import needlework
-from needlework.data.mnist_bags import MNISTBags, grid_layout
-from tests.mil_helpers import (
+from mil_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     pad_bags,
 )
+from needlework.data.mnist_bags import MNISTBags, grid_layout
 
 
 def test_registered_and_deterministic():

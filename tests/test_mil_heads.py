@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from needlework.models.mil.common import masked_logsumexp
-from needlework.models.mil.nystrom import NystromAttention, iterative_pinv, segment_means
-from tests.mil_helpers import (
+from mil_helpers import (
     grid_coords,
     make_model,
     one_thread,  # noqa: F401  (autouse fixture)
 )
+from needlework.models.mil.common import masked_logsumexp
+from needlework.models.mil.nystrom import NystromAttention, iterative_pinv, segment_means
 
 
 def test_iterative_pinv_approaches_the_inverse():

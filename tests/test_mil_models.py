@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import needlework
-from needlework.models.mil import list_mil_models
-from tests.mil_helpers import (
+from mil_helpers import (
     grid_coords,
     level_inputs,
     make_model,
@@ -15,6 +14,7 @@ from tests.mil_helpers import (
     planted_bags,
     run,
 )
+from needlework.models.mil import list_mil_models
 
 MODELS = list_mil_models()
 

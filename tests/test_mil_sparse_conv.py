@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 from needlework.ops.coord_augment import augment_coords
 from needlework.ops.sparse_conv import (
     SubmanifoldConv2d,
@@ -16,7 +17,6 @@ from needlework.ops.sparse_conv import (
     submanifold_conv2d,
 )
 from needlework.ops.sparse_map import coords_to_sites
-from tests.mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def random_sites(b: int, h: int, w: int, s: int, g: torch.Generator) -> torch.Tensor:

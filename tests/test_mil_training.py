@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 from needlework.training import summary
-from tests.mil_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mil").glob("*.yaml"))
 SLIDE_CONFIG = Path(__file__).parents[1] / "configs" / "mil" / "slides" / "abmil_gated.yaml"

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import needlework
-from needlework.ops.zoom import TensorTiles, ZoomRows, embed_rows
-from tests.mil_helpers import (
+from mil_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     pad_bags,
 )
+from needlework.ops.zoom import TensorTiles, ZoomRows, embed_rows
 
 
 def kron_zoom(indicators: torch.Tensor, children: torch.Tensor, r: int) -> torch.Tensor:
