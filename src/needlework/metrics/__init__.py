@@ -1,5 +1,21 @@
 """Evaluation metrics beyond classification (localisation, detection)."""
 
+from needlework.metrics.detection import (
+    DetectionMetrics,
+    average_precision,
+    box_iou,
+    match_detections,
+    reconstruction_rmse,
+)
 from needlework.metrics.localisation import localisation_ap, localisation_hits, point_in_boxes
 
-__all__ = ["localisation_ap", "localisation_hits", "point_in_boxes"]
+__all__ = [
+    "DetectionMetrics",
+    "average_precision",
+    "box_iou",
+    "localisation_ap",
+    "localisation_hits",
+    "match_detections",
+    "point_in_boxes",
+    "reconstruction_rmse",
+]

@@ -31,3 +31,5 @@ __all__ = [
     "receptive_field",
     "route_batch",
 ]
+
+import needlework.mist  # noqa: F401  (registers "mist", "mist.channelwise", "mist.grid")
