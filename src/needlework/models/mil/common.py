@@ -18,6 +18,13 @@ from torch import nn
 
 from needlework.checks import check_shape
 from needlework.models.base import NeedleworkModel
+from needlework.models.pooling import (  # noqa: F401  (re-exported: the MIL zoo's shared primitives)
+    GatedAttention,
+    masked_logsumexp,
+    masked_max,
+    masked_mean,
+    masked_softmax,
+)
 from needlework.registry import register_model
 
 _MIL_MODELS: list[str] = []
@@ -73,38 +80,6 @@ def check_bag(
     return mask
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis with padded positions excluded (exactly 0 there).
-
-    Args:
-        scores: ``(B, N)`` or ``(B, C, N)`` attention logits.
-        mask: ``(B, N)`` bool, True = real instance.
-    """
-    m = mask if scores.dim() == 2 else mask.unsqueeze(1)
-    return scores.masked_fill(~m, float("-inf")).softmax(dim=-1)
-
-
-def masked_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over instances of ``x`` ``(B, N, F)`` ignoring padding → values ``(B, F)``, argmax ``(B, F)``."""
-    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the real instances of ``x`` ``(B, N, F)`` → ``(B, F)``."""
-    w = mask.unsqueeze(-1).to(x.dtype)
-    return (x * w).sum(dim=1) / w.sum(dim=1)
-
-
-def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, r: float) -> torch.Tensor:
-    """Smooth max ``(1/r) log mean_i exp(r x_i)`` over real instances of ``x`` ``(B, N, F)`` → ``(B, F)``.
-
-    Tends to the max as ``r → ∞`` and to the mean as ``r → 0``.
-    """
-    filled = (r * x).masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    count = mask.sum(dim=1, keepdim=True).to(x.dtype)
-    return (torch.logsumexp(filled, dim=1) - count.log()) / r
-
-
 def uniform_attention(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``1 / n_b`` at the real instances of each bag, 0 at padding: ``(B, N)``."""
     w = mask.to(dtype)
@@ -116,29 +91,6 @@ def feature_projector(in_dim: int, out_dim: int | None, dropout: float = 0.0) ->
     if out_dim is None:
         return nn.Identity()
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
-
-
-class GatedAttention(nn.Module):
-    """Attention scores of Ilse et al.: ``wᵀ tanh(V h)`` or, gated, ``wᵀ (tanh(V h) ⊙ sigmoid(U h))``.
-
-    Maps ``h`` ``(B, N, L)`` to raw scores ``(B, N, heads)`` (apply :func:`masked_softmax` over N).
-    """
-
-    def __init__(
-        self, in_dim: int, hidden_dim: int, heads: int = 1, gated: bool = True, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.tanh_branch = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.gate_branch = (
-            nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
-        )
-        self.score = nn.Linear(hidden_dim, heads)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.tanh_branch(h)
-        if self.gate_branch is not None:
-            a = a * self.gate_branch(h)
-        return self.score(a)
 
 
 class MILModel(NeedleworkModel):

@@ -85,7 +85,7 @@ class InstancePoolingMIL(MILModel):
             logits = masked_mean(scores, mask)
             attention = uniform_attention(mask, scores.dtype)
         else:
-            logits = masked_logsumexp(scores, mask, self.lse_r)
+            logits = masked_logsumexp(scores, mask, self.lse_r, normalise=True)
             attention = masked_softmax(self.lse_r * scores.transpose(1, 2), mask)  # (B, C, N)
         return {"logits": logits, "instance_logits": scores, "attention": attention}
 
@@ -126,7 +126,7 @@ class EmbeddingPoolingMIL(MILModel):
             z = masked_mean(h, mask)
             attention = uniform_attention(mask, h.dtype)
         else:
-            z = masked_logsumexp(h, mask, self.lse_r)
+            z = masked_logsumexp(h, mask, self.lse_r, normalise=True)
             attention = masked_softmax(self.lse_r * h.transpose(1, 2), mask).mean(dim=1)
         return {"logits": self.classifier(z), "embedding": z, "attention": attention}
 
