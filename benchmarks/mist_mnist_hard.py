@@ -32,7 +32,9 @@ PAPER = {  # detection (IoU > 0.5) / classification of matches / both, % (METHOD
     "mist.channelwise": (25.4, 75.5, 24.8),
     "mist.grid": None,
 }
-CPU_CLASSIFIER = dict(patch_size=16, classifier_widths=(16, 32, 64), classifier_blocks=1)
+# CPU preset: the KL histogram loss lifts the classifier off in fewer steps than the paper's L2 (measured on
+# patches at the true boxes: 97 % instance accuracy after 200 batches vs 95 % after 325)
+CPU_CLASSIFIER = dict(patch_size=16, classifier_widths=(16, 32, 64), classifier_blocks=1, class_loss="kl")
 PRESETS = {
     "cpu": {
         "mist": dict(
@@ -45,7 +47,7 @@ PRESETS = {
         ),
         "mist.channelwise": dict(heatmap_width=16, heatmap_blocks=4, **CPU_CLASSIFIER),
         "mist.grid": dict(**CPU_CLASSIFIER),
-        "task": dict(lr=3e-3, detector_lr=1e-3, keypoint_lr=1e3, keypoint_max_step=4.0),
+        "task": dict(lr=3e-3, detector_lr=1e-4, keypoint_lr=1e3, keypoint_max_step=1.0),
     },
     "reference": {  # METHODS.md §8.1/§8.3 (keypoint_lr: our per-image-sum convention, see MISTTask)
         "mist": dict(heatmap_width=32, heatmap_blocks=4, softmax_window=15, nms_window=5, patch_size=32),

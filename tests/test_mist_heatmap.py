@@ -29,12 +29,14 @@ def brute_nms(h: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def brute_local_softmax(s: np.ndarray, window: int, beta: float) -> np.ndarray:
+def brute_local_softmax(s: np.ndarray, window: int, beta: float, padding: str) -> np.ndarray:
     r = window // 2
     e = np.exp(beta * s)
+    mode = {"zeros": "constant", "reflect": "reflect"}[padding]
+    ep = np.pad(e, [(0, 0), (0, 0), (r, r), (r, r)], mode=mode)  # reflect: mirror without the edge pixel
     out = np.zeros_like(s)
     for b, c, i, j in itertools.product(*(range(n) for n in s.shape)):
-        out[b, c, i, j] = e[b, c, i, j] / e[b, c, max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1].sum()
+        out[b, c, i, j] = e[b, c, i, j] / ep[b, c, i : i + window, j : j + window].sum()
     return out
 
 
@@ -59,14 +61,44 @@ def test_nms_rejects_even_window_and_bad_shape():
         nms(torch.rand(5, 5), 3)
 
 
-@pytest.mark.parametrize("window,beta", [(3, 1.0), (5, 10.0), (15, 10.0)])
-def test_local_spatial_softmax_matches_definition(window, beta):
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+@pytest.mark.parametrize("window,beta", [(3, 1.0), (5, 10.0), (7, 10.0)])
+def test_local_spatial_softmax_matches_definition(window, beta, padding):
     s = torch.randn(2, 2, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = local_spatial_softmax(s, window, beta).numpy()
-    np.testing.assert_allclose(got, brute_local_softmax(s.numpy(), window, beta), rtol=1e-10, atol=1e-14)
+    got = local_spatial_softmax(s, window, beta, padding).numpy()
+    want = brute_local_softmax(s.numpy(), window, beta, padding)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
     # invariant to a constant shift (the stabilising max cancels)
-    shifted = local_spatial_softmax(s + 100.0, window, beta).numpy()
+    shifted = local_spatial_softmax(s + 100.0, window, beta, padding).numpy()
     np.testing.assert_allclose(shifted, got, rtol=1e-9, atol=1e-14)
+
+
+def test_local_spatial_softmax_border_bias_only_with_zero_padding():
+    flat = torch.zeros(1, 1, 20, 20)
+    uniform = local_spatial_softmax(flat, 7, 10.0, "reflect")
+    torch.testing.assert_close(uniform, torch.full_like(flat, 1 / 49))
+    biased = local_spatial_softmax(flat, 7, 10.0, "zeros")
+    assert biased[0, 0, 0, 0] == pytest.approx(1 / 16) and biased[0, 0, 10, 10] == pytest.approx(1 / 49)
+    # maps smaller than the window fall back to replicate padding and stay finite
+    assert torch.isfinite(local_spatial_softmax(torch.rand(1, 1, 3, 3), 15, 10.0)).all()
+    with pytest.raises(ValueError, match="padding"):
+        local_spatial_softmax(flat, 7, 10.0, "circular")
+
+
+def test_tie_noise_breaks_flat_ties_at_random_and_keeps_real_peaks():
+    h = torch.zeros(64, 1, 16, 16)  # flat maps: without noise the ties go to the first pixels
+    plain = extract_keypoints(h, 3, [1.0], 3)
+    assert (plain.indices == torch.arange(3)).all()
+    noisy = extract_keypoints(h, 3, [1.0], 3, tie_noise=1e-6)
+    rows = noisy.indices // 16
+    assert rows.float().mean() > 4  # spread over the map, not piled on row 0
+    assert (noisy.scores == 0).all()  # returned scores carry no noise
+    pattern = torch.rand(16, 16, generator=torch.Generator().manual_seed(5)) * 1e-6
+    fixed = extract_keypoints(h, 3, [1.0], 3, tie_noise=pattern)
+    assert (fixed.indices == fixed.indices[:1]).all()  # a fixed pattern: same choice for every map
+    assert (fixed.indices[0] // 16).float().mean() > 0  # and not the first row
+    h[:, 0, 9, 4] = 0.5  # a real peak stays first
+    assert (extract_keypoints(h, 3, [1.0], 3, tie_noise=1e-6).indices[:, 0] == 9 * 16 + 4).all()
 
 
 def test_local_spatial_softmax_isolated_peak_reaches_one():

@@ -202,3 +202,11 @@ def test_multiscale_lifting_updates_sizes_within_the_scale_range():
     assert ((sizes >= 0.75 * 16 - 1e-5) & (sizes <= 1.25 * 16 + 1e-5)).all()
     rec = fit(task, tiny_digits(16), batches=2)
     assert "train/detector_loss" in rec.rows[-1]
+
+
+def test_evaluation_keypoints_are_deterministic_and_spread_on_flat_maps():
+    model = needlework.create_model("mist", **{**TINY, "k": 4}, **TINY_DETECTOR).eval()
+    image = torch.zeros(2, 1, 40, 40)  # blank: the heatmap is flat
+    a, b = model.locate(image), model.locate(image)
+    assert torch.equal(a["centres"], b["centres"])
+    assert (a["centres"][..., 1] > 1).any()  # ties are not all broken towards row 0

@@ -29,28 +29,42 @@ def _check_window(window: int, name: str) -> None:
         raise ValueError(f"{name} must be an odd positive int (a centred window), got {window!r}")
 
 
-def local_spatial_softmax(scores: torch.Tensor, window: int = 15, beta: float = 10.0) -> torch.Tensor:
+def local_spatial_softmax(
+    scores: torch.Tensor, window: int = 15, beta: float = 10.0, padding: str = "reflect"
+) -> torch.Tensor:
     """Softmax of ``β·scores`` normalised over the ``window × window`` neighbourhood of each pixel.
 
     ``p(x) = exp(β(h(x) − m)) / Σ_{y ∈ W(x)} exp(β(h(y) − m))`` with ``m`` the per-map maximum (for
-    stability; it cancels). Out-of-image neighbours count as 0. A pixel that is the only non-negligible
-    one in its window gets ≈ 1, so peaks of an ideal single-point heatmap are reachable.
+    stability; it cancels). A pixel that is the only non-negligible one in its window gets ≈ 1, so peaks
+    of an ideal single-point heatmap are reachable.
 
     Args:
         scores: ``(B, C, H, W)`` raw scores, one map per channel.
         window: odd side of the normalisation window (15 in the reference).
         beta: inverse temperature (10 in the reference).
+        padding: how windows reaching past the border are filled. ``"reflect"`` (default) mirrors the
+            map, so a constant map gives ``1/window²`` everywhere; ``"zeros"`` counts out-of-image
+            neighbours as 0, which favours the border: a flat region scores up to ``window²/(r+1)²``
+            times higher in a corner than inside (r = window // 2), and in training the top-K then piles
+            keypoints into the corner (observed on MNIST-hard). Falls back to ``"replicate"`` for maps
+            smaller than the window.
 
     Returns:
         ``(B, C, H, W)`` values in [0, 1].
     """
     check_shape(scores, ["B", "C", "H", "W"], "scores")
     _check_window(window, "window")
+    if padding not in ("reflect", "zeros"):
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
     z = beta * scores
     m = z.amax(dim=(-2, -1), keepdim=True).detach()
     e = torch.exp(z - m)
-    # sum over the window = average pool with zero padding × window²
-    den = F.avg_pool2d(e, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
+    r = window // 2
+    if padding == "zeros":
+        den = F.avg_pool2d(e, window, stride=1, padding=r, count_include_pad=True) * window**2
+    else:
+        mode = "reflect" if min(e.shape[-2:]) > r else "replicate"
+        den = F.avg_pool2d(F.pad(e, [r, r, r, r], mode=mode), window, stride=1) * window**2
     return e / den.clamp_min(torch.finfo(e.dtype).tiny)
 
 
@@ -108,7 +122,12 @@ def topk_pixels(heatmap: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def extract_keypoints(
-    heatmaps: torch.Tensor, k: int, scales: Sequence[float], nms_window: int = 5, eps: float = EPS
+    heatmaps: torch.Tensor,
+    k: int,
+    scales: Sequence[float],
+    nms_window: int = 5,
+    eps: float = EPS,
+    tie_noise: float | torch.Tensor = 0.0,
 ) -> Keypoints:
     """E_K: pool the per-scale heatmaps, suppress non-maxima, take the top-K, read scales off moments.
 
@@ -120,6 +139,12 @@ def extract_keypoints(
         k: number of keypoints K.
         scales: the S scales, one per channel.
         nms_window: odd NMS window side.
+        tie_noise: a float: amplitude of fresh uniform noise added to the pooled map before NMS and
+            top-K; or a tensor broadcastable to ``(B, H, W)``, added as is (a fixed pattern gives
+            deterministic tie-breaking at evaluation). Flat regions (a constant background gives exactly
+            equal scores) otherwise resolve their ties by position, always towards the top-left pixels,
+            and training then reinforces those junk keypoints; a tiny noise (1e-6) breaks ties and leaves
+            distinct values ordered. Scores are returned without the noise.
 
     Returns:
         :class:`Keypoints` (no gradient flows through the selection; centres are pixel centres).
@@ -128,7 +153,13 @@ def extract_keypoints(
     if len(scales) != s:
         raise ValueError(f"heatmaps have {s} scale channels but {len(scales)} scales were given")
     pooled, weights = pool_scales(heatmaps, eps)
-    values, idx = topk_pixels(nms(pooled, nms_window), k)
+    if isinstance(tie_noise, torch.Tensor):
+        ranked = pooled + tie_noise.to(pooled)
+    else:
+        ranked = pooled + tie_noise * torch.rand_like(pooled) if tie_noise > 0 else pooled
+    kept, idx = topk_pixels(nms(ranked, nms_window), k)
+    # the score is the pooled value without noise; pixels taken after the NMS survivors ran out score 0
+    values = torch.where(kept > 0, pooled.flatten(1).gather(1, idx), torch.zeros_like(kept))
     rows, cols = idx // w, idx % w
     centres = torch.stack([cols, rows], dim=-1).to(heatmaps.dtype) + 0.5
     wk = weights.flatten(2).gather(2, idx[:, None, :].expand(-1, s, -1))  # (B, S, K)

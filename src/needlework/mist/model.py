@@ -148,7 +148,12 @@ class MIST(PatchTaskModel):
         scales: heatmap scales (box side = ``anchor · scale``); ``(1.0,)`` for MNIST-hard.
         softmax_window, beta: local spatial softmax window (15) and inverse temperature (10); window 0
             replaces the softmax by a sigmoid.
+        softmax_padding: border handling of the local softmax (``"reflect"``; ``"zeros"`` as a plain
+            box filter, which favours the border).
         nms_window: NMS window (5).
+        tie_noise: amplitude of uniform noise added to the heatmap before NMS/top-K so that exact ties
+            of flat regions do not all break towards the top-left: fresh noise in training, a fixed
+            pattern (seed 0) in evaluation so that predictions are deterministic (0 disables).
         heatmap_width, heatmap_blocks: residual trunk of the heatmap network (32, 4).
         heatmap_stride: the heatmap network sees the image average-pooled by this factor (1 in the
             reference; 2 makes CPU training ≈ 4× cheaper). Windows count heatmap pixels; keypoints are
@@ -168,7 +173,9 @@ class MIST(PatchTaskModel):
         scales: Sequence[float] = (1.0,),
         softmax_window: int = 15,
         beta: float = 10.0,
+        softmax_padding: str = "reflect",
         nms_window: int = 5,
+        tie_noise: float = 1e-6,
         heatmap_width: int = 32,
         heatmap_blocks: int = 4,
         heatmap_stride: int = 1,
@@ -194,8 +201,13 @@ class MIST(PatchTaskModel):
         if heatmap_stride < 1:
             raise ValueError(f"heatmap_stride must be >= 1, got {heatmap_stride}")
         self.nms_window, self.heatmap_stride = int(nms_window), int(heatmap_stride)
+        self.tie_noise = float(tie_noise)
         self.heatmap = MultiScaleHeatmap(
-            HeatmapNet(in_channels, 1, heatmap_width, heatmap_blocks), scales, softmax_window, beta
+            HeatmapNet(in_channels, 1, heatmap_width, heatmap_blocks),
+            scales,
+            softmax_window,
+            beta,
+            softmax_padding,
         )
 
     @property
@@ -225,7 +237,12 @@ class MIST(PatchTaskModel):
 
     def locate(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         heatmaps = self.heatmaps(image)
-        kp = extract_keypoints(heatmaps.detach(), self.k, self.scales, self.nms_window)
+        noise: float | torch.Tensor = self.tie_noise
+        if not self.training and self.tie_noise > 0:
+            h, w = heatmaps.shape[-2:]
+            pattern = torch.rand(h, w, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            noise = self.tie_noise * pattern.to(heatmaps.device)
+        kp = extract_keypoints(heatmaps.detach(), self.k, self.scales, self.nms_window, tie_noise=noise)
         return {
             "centres": kp.centres * self.heatmap_stride,
             "sizes": self.anchor * kp.scales,

@@ -75,6 +75,8 @@ class MultiScaleHeatmap(nn.Module):
         scales: increasing scales ``s``; ``(1.0,)`` is the single-scale MNIST setting.
         softmax_window: odd window of the local spatial softmax (None or 0 disables it: sigmoid instead).
         beta: inverse temperature of the local softmax.
+        softmax_padding: border handling of the local softmax, ``"reflect"`` or ``"zeros"`` (see
+            :func:`~needlework.mist.heatmap.local_spatial_softmax`).
 
     Shapes: ``(B, C, H, W)`` → ``(B, S, H, W)`` in [0, 1].
     """
@@ -85,6 +87,7 @@ class MultiScaleHeatmap(nn.Module):
         scales: Sequence[float] = (1.0,),
         softmax_window: int | None = 15,
         beta: float = 10.0,
+        softmax_padding: str = "reflect",
     ) -> None:
         super().__init__()
         self.net = net
@@ -95,7 +98,7 @@ class MultiScaleHeatmap(nn.Module):
             or self.scales[0] <= 0
         ):
             raise ValueError(f"scales must be positive and strictly increasing, got {list(scales)}")
-        self.softmax_window, self.beta = softmax_window, float(beta)
+        self.softmax_window, self.beta, self.softmax_padding = softmax_window, float(beta), softmax_padding
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
@@ -109,7 +112,7 @@ class MultiScaleHeatmap(nn.Module):
             maps.append(F.interpolate(self.net(small), size=(h, w), mode="bilinear", align_corners=False))
         scores = torch.cat(maps, dim=1)
         if self.softmax_window:
-            return local_spatial_softmax(scores, self.softmax_window, self.beta)
+            return local_spatial_softmax(scores, self.softmax_window, self.beta, self.softmax_padding)
         return torch.sigmoid(scores)
 
 
