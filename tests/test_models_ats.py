@@ -142,7 +142,7 @@ def test_baselines_contract():
     assert out["attention_map"].shape == (2, 3, 3)
     assert out["instance_coords"][0, -1].tolist() == [40, 40]
     out["logits"].sum().backward()
-    assert mil.pool.score.weight.grad is not None
+    assert mil.pool.attention.score.weight.grad is not None
 
 
 def test_multiresolution_offsets_and_gradients():

@@ -36,10 +36,10 @@ def test_max_weights_mark_winners():
 def test_attention_pool_hand_values():
     pool = AttentionPool(dim=2, hidden=1)
     with torch.no_grad():
-        pool.value.weight.copy_(torch.tensor([[1.0, 0.0]]))
-        pool.value.bias.zero_()
-        pool.score.weight.fill_(2.0)
-        pool.score.bias.zero_()
+        pool.attention.tanh_branch[0].weight.copy_(torch.tensor([[1.0, 0.0]]))
+        pool.attention.tanh_branch[0].bias.zero_()
+        pool.attention.score.weight.fill_(2.0)
+        pool.attention.score.bias.zero_()
     pooled, a = pool(X)
     scores = 2 * torch.tanh(X[0, :, 0])
     expected_a = torch.softmax(scores, 0)
@@ -50,11 +50,11 @@ def test_attention_pool_hand_values():
 def test_gated_attention_hand_values():
     pool = AttentionPool(dim=2, hidden=1, gated=True)
     with torch.no_grad():
-        for lin in (pool.value, pool.gate):
-            lin.weight.copy_(torch.tensor([[0.0, 1.0]]))
-            lin.bias.zero_()
-        pool.score.weight.fill_(1.0)
-        pool.score.bias.zero_()
+        for branch in (pool.attention.tanh_branch, pool.attention.gate_branch):
+            branch[0].weight.copy_(torch.tensor([[0.0, 1.0]]))
+            branch[0].bias.zero_()
+        pool.attention.score.weight.fill_(1.0)
+        pool.attention.score.bias.zero_()
     _, a = pool(X)
     h = X[0, :, 1]
     assert torch.allclose(a[0], torch.softmax(torch.tanh(h) * torch.sigmoid(h), 0))

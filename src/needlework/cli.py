@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("needlework.training.cli", "run a checkpoint on the predict split"),
     "demo": ("needlework.demo", "train the dense baseline on needle-MNIST and write a report"),
     "list": ("needlework.listing", "list registered models, datasets and encoders"),
+    "summarize": ("needlework.training.summary", "mean ± std of the metrics of repeated runs"),
     "slides": ("needlework.slides.cli", "whole-slide images: synth, tile, embed, splits, heatmap, crops"),
     "doctor": ("needlework.slides.doctor", "check the installation, slide readers, slides' MPP and disk"),
 }

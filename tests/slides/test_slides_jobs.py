@@ -218,10 +218,16 @@ def test_ray_run_equals_local_run(cohort, job, tmp_path):
     finally:
         ray.shutdown()
     assert tile["counts"]["done"] == N_SLIDES and embed["counts"]["done"] == N_SLIDES
-    ours, reference = artefacts(tmp_path / TILING.dir_name()), artefacts(job["tiling_dir"])
+    ours_dir, reference_dir = tmp_path / TILING.dir_name(), job["tiling_dir"]
+    ours, reference = artefacts(ours_dir), artefacts(reference_dir)
     assert ours.keys() == reference.keys()
     for name in reference:
-        assert ours[name] == reference[name], name
+        if name.startswith("features_"):
+            # Ray workers run torch with one thread, this process with two: feature sums may differ in the
+            # last bits (reduction order), everything else must be identical.
+            assert_same_features(ours_dir / name, reference_dir / name)
+        else:
+            assert ours[name] == reference[name], name
     with h5py.File(tmp_path / TILING.dir_name() / "features_color_stats" / "slide_000.h5") as f:
         assert f["features"].shape[0] > 0
     print(f"ray run: {time.time() - t0:.1f} s")
@@ -251,3 +257,16 @@ def test_edited_contours_replace_the_segmentation(cohort, job, tmp_path):
         missing["counts"]["failed"] == N_SLIDES
         and "tissue GeoJSON not found" in missing["failures"][0]["error"]
     )
+
+
+def assert_same_features(path, reference):
+    """Same datasets, attributes and coordinates; features equal to float32 round-off."""
+    with h5py.File(path) as f, h5py.File(reference) as g:
+        assert sorted(f) == sorted(g), path
+        for key in g:
+            assert dict(f[key].attrs).keys() == dict(g[key].attrs).keys(), (path, key)
+            a, b = f[key][()], g[key][()]
+            if key == "features":
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{path}:{key}")

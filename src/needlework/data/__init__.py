@@ -5,8 +5,10 @@ from needlework.data.collate import pad_bags
 from needlework.data.gabor import GaborTextures
 from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
 from needlework.data.mnist import DataSourceError, DigitPool, digit_pool
+from needlework.data.mnist_bags import MNISTBags
 from needlework.data.mnist_hard import MultiMNIST, MultiMNISTEasy
 from needlework.data.needle_mnist import NeedleMNIST
+from needlework.data.planted_bags import PlantedBags
 from needlework.data.poisson import poisson_disk
 
 __all__ = [
@@ -22,3 +24,4 @@ __all__ = [
     "pad_bags",
     "poisson_disk",
 ]
+__all__ += ["MNISTBags", "PlantedBags"]

@@ -35,6 +35,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
 COLLATES = {
     "default": "needlework.data.batching:collate_samples",
     "pad_bags": "needlework.data.collate:pad_bags",
+    "pad_bag_levels": "needlework.data.level_collate:pad_bag_levels",
 }
 
 

@@ -2,6 +2,7 @@
 
 from needlework.models import (
     encoders,  # noqa: F401  (registers the built-in tile encoders)
+    mil,  # noqa: F401  (registers the MIL zoo)
     selection_presets,  # noqa: F401  (registers dps/ips presets)
 )
 from needlework.models.ats import ATSClassifier, AttentionSampling

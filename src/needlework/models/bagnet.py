@@ -84,6 +84,10 @@ class BagNetEncoder(nn.Module):
         blocks: bottleneck blocks per stage (ResNet-50: ``(3, 4, 6, 3)``).
         norm: normalisation layer (see :func:`make_norm`).
         compensate: widen the middle conv of 1×1 blocks by 2.5× to keep parameter counts comparable.
+        stem_stride: stride of the stem's 3×3 convolution. 1 is the paper's layout (the RF values above);
+            2 quarters the compute of every layer (for CPU runs) and doubles the output stride to 16 —
+            the receptive field then follows from the same recurrence (e.g. 63 px with ``kernel3=(1,1,1,1)``,
+            31 px with ``(1,1,1,0)``); :func:`receptive_field` reports it.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class BagNetEncoder(nn.Module):
         blocks: Sequence[int] = (3, 4, 6, 3),
         norm: str = "instance",
         compensate: bool = True,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if kernel3 is None:
@@ -112,6 +117,8 @@ class BagNetEncoder(nn.Module):
             raise ValueError(f"kernel3 {kernel3} must satisfy 0 <= kernel3[s] <= blocks[s] = {blocks}")
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.kernel3, self.blocks = kernel3, blocks
 
         def w(c: int) -> int:
@@ -120,7 +127,7 @@ class BagNetEncoder(nn.Module):
         stem = w(64)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, stem, 1, bias=False),
-            nn.Conv2d(stem, stem, 3, bias=False),
+            nn.Conv2d(stem, stem, 3, stride=stem_stride, bias=False),
             make_norm(norm, stem),
             nn.ReLU(inplace=True),
         )

@@ -37,17 +37,71 @@ def _check(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.bool()
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over ``dim`` that is exactly 0 at masked-out entries."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=dim).masked_fill(~mask, 0.0)
+# -- masked primitives over instances (shared by the pooling modules and the MIL zoo) -------------------
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, exactly 0 at padding.
+
+    Args:
+        scores: ``(B, N)`` or ``(B, C, N)`` logits.
+        mask: ``(B, N)`` bool, True = real instance.
+    """
+    m = mask if scores.dim() == mask.dim() else mask.unsqueeze(1)
+    return scores.masked_fill(~m, float("-inf")).softmax(dim=-1).masked_fill(~m, 0.0)
 
 
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over real instances of ``x`` ``(B, N, F)``: values ``(B, F)`` and arg-max ``(B, F)``."""
+    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real instances of ``x`` ``(B, N, F)`` → ``(B, F)``."""
+    w = mask.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(dim=1) / w.sum(dim=1)
+
+
+def masked_logsumexp(
+    x: torch.Tensor, mask: torch.Tensor, r: float = 1.0, normalise: bool = False
+) -> torch.Tensor:
+    """``(1/r) log Σ_n exp(r x_n)`` over real instances of ``x`` ``(B, N, F)`` → ``(B, F)``.
+
+    ``normalise``: log-*mean*-exp (subtract ``log n``), which tends to the max as ``r → ∞`` and to the
+    mean as ``r → 0`` whatever the bag size.
+    """
+    total = torch.logsumexp((r * x).masked_fill(~mask.unsqueeze(-1), float("-inf")), dim=1)
+    if normalise:
+        total = total - mask.sum(dim=1, keepdim=True).to(x.dtype).log()
+    return total / r
+
+
+class GatedAttention(nn.Module):
+    """Attention scores of Ilse et al.: ``wᵀ tanh(V h)`` or, gated, ``wᵀ (tanh(V h) ⊙ sigmoid(U h))``.
+
+    Maps ``h`` ``(B, N, L)`` to raw scores ``(B, N, heads)`` (apply :func:`masked_softmax` over N).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, heads: int = 1, gated: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.tanh_branch = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.gate_branch = (
+            nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+        )
+        self.score = nn.Linear(hidden_dim, heads)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.tanh_branch(h)
+        if self.gate_branch is not None:
+            a = a * self.gate_branch(h)
+        return self.score(a)
+
+
+# -- pooling functions and modules -----------------------------------------------------------------------
 def max_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature maximum ``e_d = max_n x_{n,d}``; weights: share of features won by each instance."""
     mask = _check(x, mask)
-    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    pooled, winner = filled.max(dim=1)
+    pooled, winner = masked_max(x, mask)
     weights = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
     weights.scatter_add_(1, winner, torch.full_like(pooled, 1.0 / x.shape[-1]))
     return pooled, weights
@@ -57,7 +111,7 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.
     """Mean over real instances."""
     mask = _check(x, mask)
     weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).to(x.dtype)
-    return torch.einsum("bn,bnd->bd", weights, x), weights
+    return masked_mean(x, mask), weights
 
 
 def logsumexp_pool(
@@ -69,12 +123,8 @@ def logsumexp_pool(
     with ``log N``. Weights: the mean over features of the softmax weights ``∂e_d/∂x_{n,d}``.
     """
     mask = _check(x, mask)
-    scaled = (r * x).masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    pooled = torch.logsumexp(scaled, dim=1)
-    if normalise:
-        pooled = pooled - mask.sum(dim=1, keepdim=True).to(x.dtype).log()
-    weights = torch.softmax(scaled, dim=1).masked_fill(~mask.unsqueeze(-1), 0.0).mean(dim=-1)
-    return pooled / r, weights
+    weights = masked_softmax(r * x.transpose(1, 2), mask).mean(dim=1)
+    return masked_logsumexp(x, mask, r, normalise), weights
 
 
 class MaxPool(nn.Module):
@@ -109,23 +159,17 @@ class AttentionPool(nn.Module):
         dim: instance feature size D.
         hidden: size of the attention MLP (paper: 128).
         gated: use the gated variant.
-        dropout: dropout on the attention hidden layer.
+        dropout: dropout on the attention hidden layers.
     """
 
     def __init__(self, dim: int, hidden: int = 128, gated: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
-        self.value = nn.Linear(dim, hidden)
-        self.gate = nn.Linear(dim, hidden) if gated else None
-        self.score = nn.Linear(hidden, 1)
-        self.dropout = nn.Dropout(dropout)
+        self.attention = GatedAttention(dim, hidden, heads=1, gated=gated, dropout=dropout)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised attention scores ``(B, N)``."""
-        h = torch.tanh(self.value(x))
-        if self.gate is not None:
-            h = h * torch.sigmoid(self.gate(x))
-        return self.score(self.dropout(h)).squeeze(-1)
+        return self.attention(x).squeeze(-1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         mask = _check(x, mask)

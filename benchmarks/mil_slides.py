@@ -1,0 +1,78 @@
+"""Synthetic-slide bags for ``benchmarks/mil.py``: a cohort made by the slide pipeline, cached.
+
+``needlework slides synth`` writes pyramidal BigTIFFs with small planted lesions (DATASETS.md §10), two
+slides per patient; ``slides tile`` cuts 64-px tiles at 40× (0.25 µm/px; a lesion of radius 30–60 px
+covers a few) from the tissue; ``slides embed`` embeds them with the ``color_stats`` encoder (colour
+statistics: cheap on CPU, and the lesions differ in colour); ``slides splits`` writes patient-grouped
+stratified folds (the benchmark trains on the train and validation parts of a fold and tests on its test
+part). The cohort is cached under ``$NEEDLEWORK_CACHE/bench_mil_slides/`` in a folder named by a hash of
+the specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+SPEC: dict[str, Any] = {
+    "width": 2048,
+    "height": 1536,
+    "slides_per_patient": 2,
+    "n_lesions": 3,
+    "lesion_radius": [30, 60],
+    "target_mag": 40,
+    "patch_size": 64,
+    "encoder": "color_stats",
+    "folds": 4,
+    "seed": 0,
+}
+
+
+def available() -> bool:
+    """Whether the slide pipeline (``needlework.slides``) is installed in this checkout."""
+    return importlib.util.find_spec("needlework.slides") is not None
+
+
+def _run(argv: list[str]) -> None:
+    from needlework.cli import main
+
+    code = main([str(a) for a in argv])
+    if code:
+        raise RuntimeError(f"needlework {' '.join(map(str, argv))} failed with exit code {code}")
+
+
+def prepare(n_slides: int, cache: Path | None = None) -> dict[str, Any]:
+    """Build (or reuse) the cohort; returns ``features_dir``, ``labels_csv``, ``splits_dir``, ``folds``,
+    ``coord_stride`` (level-0 pixels between tiles)."""
+    from needlework.data.mnist import cache_dir
+
+    spec = {**SPEC, "n_slides": n_slides}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    root = (cache or cache_dir() / "bench_mil_slides") / f"n{n_slides}-{key}"
+    done = root / "DONE.json"
+    if done.exists() and json.loads(done.read_text()).get("spec") == spec:
+        return json.loads(done.read_text())["paths"]
+    cohort, job = root / "cohort", root / "job"
+    _run(["slides", "synth", cohort, "--n-slides", n_slides, "--width", spec["width"], "--height",
+          spec["height"], "--slides-per-patient", spec["slides_per_patient"],
+          "--n-lesions", spec["n_lesions"], "--lesion-radius", *spec["lesion_radius"],
+          "--seed", spec["seed"]])
+    _run(["slides", "tile", cohort / "slides", "--job-dir", job, "--target-mag", spec["target_mag"],
+          "--patch-size", spec["patch_size"], "--mpp-csv", cohort / "mpp_overrides.csv", "--no-progress"])
+    tiling = job / f"{spec['target_mag']}x_{spec['patch_size']}px_0px_overlap"
+    _run(["slides", "embed", cohort / "slides", "--job-dir", job, "--tiling", tiling.name,
+          "--encoder", spec["encoder"], "--num-workers", 0, "--no-progress"])
+    _run(["slides", "splits", cohort / "labels.csv", "--out", root / "splits", "--k", spec["folds"],
+          "--seed", spec["seed"]])
+    paths = {
+        "features_dir": str(tiling / f"features_{spec['encoder']}"),
+        "labels_csv": str(cohort / "labels.csv"),
+        "splits_dir": str(root / "splits"),
+        "folds": spec["folds"],
+        "coord_stride": spec["patch_size"],  # 40× tiles: level-0 pixels between neighbours
+    }
+    done.write_text(json.dumps({"spec": spec, "paths": paths}, indent=2))
+    return paths

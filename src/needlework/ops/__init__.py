@@ -1,0 +1,1 @@
+"""Pure-tensor operators (no models): sparse convolution, coordinate maps and augmentations."""

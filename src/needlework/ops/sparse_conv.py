@@ -1,0 +1,194 @@
+"""Submanifold sparse 2-D convolution in plain PyTorch: neighbour table + gather + matmul.
+
+Active sites are integer ``(b, y, x)`` rows (bag index, row, column) with features ``(S, C_in)``. A
+submanifold convolution produces outputs only at the active sites and reads only active neighbours
+(inactive sites count as zeros): ``out_s = b + Σ_o W_o · F[nbr(s, o)]`` over the ``k²`` kernel offsets
+``o = (dy, dx)`` in row-major order (METHODS.md §9.2). The neighbour table is built once per site set with
+sorted linear keys and ``searchsorted`` and shared by every layer on that set. Everything is ordinary
+autograd on gathers and matmuls, so results are exact and deterministic on any number of threads.
+
+The weight layout is ``nn.Conv2d``'s ``(C_out, C_in, k, k)``: a dense masked ``conv2d`` with the same
+weight is the reference (see :func:`dense_submanifold_conv2d`).
+
+Example:
+    >>> import torch
+    >>> sites = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 5, 5], [1, 0, 0]])
+    >>> nbr = neighbor_table(sites, kernel_size=3)
+    >>> nbr[0].tolist()  # (0,0)'s neighbours: only itself (offset 4) and (0,1) (offset 5); 4 = missing
+    [4, 4, 4, 4, 0, 1, 4, 4, 4]
+    >>> conv = SubmanifoldConv2d(8, 16, kernel_size=3)
+    >>> conv(torch.randn(4, 8), nbr).shape
+    torch.Size([4, 16])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from needlework.checks import check_shape
+
+BACKENDS = ("torch", "spconv")
+
+
+def _check_sites(sites: torch.Tensor) -> None:
+    check_shape(sites, ["S", "3"], "sites")
+    if sites.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"sites must be an integer tensor of (b, y, x) rows, got {sites.dtype}")
+    if len(sites) and int(sites.min()) < 0:
+        raise ValueError("sites must be non-negative (b, y, x); shift coordinates so the minimum is 0")
+
+
+def neighbor_table(sites: torch.Tensor, kernel_size: int = 3, dilation: int = 1) -> torch.Tensor:
+    """Row of each kernel neighbour of every active site, ``S`` where the neighbour is inactive.
+
+    Args:
+        sites: ``(S, 3)`` int ``(b, y, x)``, unique rows.
+        kernel_size: odd kernel side ``k``.
+        dilation: spacing of the kernel taps.
+
+    Returns:
+        ``(S, k²)`` int64; column ``o = (dy + r)·k + (dx + r)`` for offsets ``dy, dx ∈ [−r, r]``,
+        ``r = k // 2``.
+    """
+    _check_sites(sites)
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    s = len(sites)
+    sites = sites.long()
+    r = (kernel_size // 2) * dilation
+    steps = torch.arange(-r, r + 1, dilation, device=sites.device)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")
+    if s == 0:
+        return torch.empty(0, kernel_size**2, dtype=torch.long, device=sites.device)
+    h = int(sites[:, 1].max()) + 1 + 2 * r  # padded extents: every shifted key stays unique
+    w = int(sites[:, 2].max()) + 1 + 2 * r
+
+    def key(b: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (b * h + y + r) * w + x + r
+
+    keys = key(sites[:, 0], sites[:, 1], sites[:, 2])
+    sorted_keys, perm = keys.sort()
+    if s > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise ValueError("sites must be unique; average the features of duplicate sites first")
+    query = key(sites[:, :1], sites[:, 1:2] + dy.flatten(), sites[:, 2:3] + dx.flatten())  # (S, k²)
+    pos = torch.searchsorted(sorted_keys, query).clamp(max=s - 1)
+    found = sorted_keys[pos] == query
+    return torch.where(found, perm[pos], torch.full_like(pos, s))
+
+
+def submanifold_conv2d(
+    features: torch.Tensor,
+    neighbors: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Submanifold convolution of site features by gather + matmul.
+
+    Args:
+        features: ``(S, C_in)``.
+        neighbors: ``(S, k²)`` from :func:`neighbor_table` (``S`` = missing).
+        weight: ``(C_out, C_in, k, k)`` (``nn.Conv2d`` layout).
+        bias: ``(C_out,)`` or None.
+
+    Returns:
+        ``(S, C_out)``.
+    """
+    s, c_in = check_shape(features, ["S", "C_in"], "features").values()
+    sizes = check_shape(weight, ["C_out", str(c_in), "k", "k"], "weight")
+    c_out, k = sizes["C_out"], sizes["k"]
+    check_shape(neighbors, [str(s), str(k * k)], "neighbors")
+    padded = torch.cat([features, features.new_zeros(1, c_in)])
+    w = weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)  # offset-major, matching the table
+    out = padded[neighbors].reshape(s, k * k * c_in) @ w
+    return out if bias is None else out + bias
+
+
+def sparse_global_mean(features: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of the site features of each bag: ``(S, C)`` with bag ids ``(S,)`` → ``(B, C)``.
+
+    Bags without sites get zeros.
+    """
+    sums = features.new_zeros(batch_size, features.shape[1]).index_add(0, batch_index, features)
+    counts = torch.bincount(batch_index, minlength=batch_size).clamp(min=1).to(features.dtype)
+    return sums / counts[:, None]
+
+
+def dense_submanifold_conv2d(
+    features: torch.Tensor,
+    sites: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """Reference: scatter to a dense map, ``conv2d``, keep the active sites. Same signature semantics
+    as :func:`submanifold_conv2d` (slow; for tests and tiny maps)."""
+    _check_sites(sites)
+    sites = sites.long()
+    b, h, w = (int(v) + 1 for v in sites.max(dim=0).values)
+    dense = features.new_zeros(b, features.shape[1], h, w)
+    dense[sites[:, 0], :, sites[:, 1], sites[:, 2]] = features
+    k = weight.shape[-1]
+    out = F.conv2d(dense, weight, bias, padding=(k // 2) * dilation, dilation=dilation)
+    return out[sites[:, 0], :, sites[:, 1], sites[:, 2]]
+
+
+class SubmanifoldConv2d(nn.Module):
+    """Submanifold sparse convolution layer.
+
+    Args:
+        in_channels, out_channels, kernel_size, dilation: as ``nn.Conv2d`` (odd kernel, stride 1).
+        bias: learnable bias.
+        backend: ``"torch"`` (default; gather + matmul) or ``"spconv"`` (optional, see
+            :mod:`needlework.ops.spconv_backend`; needs ``sites``/``batch_size`` in :meth:`forward`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        bias: bool = True,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.kernel_size, self.dilation, self.backend = kernel_size, dilation, backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's initialisation
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(in_channels * kernel_size**2)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        neighbors: torch.Tensor | None = None,
+        sites: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """``features`` ``(S, C_in)`` → ``(S, C_out)``; the torch backend needs ``neighbors``, spconv
+        needs ``sites`` ``(S, 3)`` and ``batch_size``."""
+        if self.backend == "spconv":
+            from needlework.ops.spconv_backend import spconv_submanifold_conv2d
+
+            if sites is None or batch_size is None:
+                raise ValueError("backend='spconv' needs sites (S, 3) and batch_size")
+            return spconv_submanifold_conv2d(
+                features, sites, self.weight, self.bias, batch_size, self.dilation
+            )
+        if neighbors is None:
+            if sites is None:
+                raise ValueError("pass neighbors (from neighbor_table) or sites (S, 3)")
+            neighbors = neighbor_table(sites, self.kernel_size, self.dilation)
+        return submanifold_conv2d(features, neighbors, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        c_out, c_in, k, _ = self.weight.shape
+        return f"{c_in}, {c_out}, kernel_size={k}, dilation={self.dilation}, backend={self.backend!r}"
