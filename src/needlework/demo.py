@@ -161,5 +161,6 @@ def _epochs_run(out: Path) -> int:
     if not path.exists():
         return 0
     with open(path) as f:
-        epochs = {int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch")}
+        # only rows of finished training epochs: the test row carries the epoch index after the last one
+        epochs = {int(row["epoch"]) for row in csv.DictReader(f) if row.get("train/loss_epoch")}
     return max(epochs) + 1 if epochs else 0
