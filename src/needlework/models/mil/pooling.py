@@ -45,17 +45,8 @@ def _check_pooling(pooling: str) -> None:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-class InstancePoolingMIL(MILModel):
-    """Score every instance, pool the scores: ``logits = pool_i g(φ(x_i))``.
-
-    Args:
-        in_dim: feature width ``D``.
-        num_classes: number of classes ``C``.
-        pooling: ``"max"``, ``"mean"`` or ``"lse"`` (``(1/r) log mean exp(r ·)``).
-        embed_dim: width of ``φ`` (Linear + ReLU + dropout); None = use the features as they are.
-        dropout: dropout after ``φ``.
-        lse_r: sharpness ``r`` of the log-sum-exp pooling.
-    """
+class _PoolingMIL(MILModel):
+    """Shared constructor of the instance- and embedding-level pooling models."""
 
     def __init__(
         self,
@@ -71,6 +62,19 @@ class InstancePoolingMIL(MILModel):
         self.pooling, self.lse_r = pooling, lse_r
         self.embed = feature_projector(in_dim, embed_dim, dropout)
         self.classifier = nn.Linear(embed_dim or in_dim, num_classes)
+
+
+class InstancePoolingMIL(_PoolingMIL):
+    """Score every instance, pool the scores: ``logits = pool_i g(φ(x_i))``.
+
+    Args:
+        in_dim: feature width ``D``.
+        num_classes: number of classes ``C``.
+        pooling: ``"max"``, ``"mean"`` or ``"lse"`` (``(1/r) log mean exp(r ·)``).
+        embed_dim: width of ``φ`` (Linear + ReLU + dropout); None = use the features as they are.
+        dropout: dropout after ``φ``.
+        lse_r: sharpness ``r`` of the log-sum-exp pooling.
+    """
 
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -90,26 +94,11 @@ class InstancePoolingMIL(MILModel):
         return {"logits": logits, "instance_logits": scores, "attention": attention}
 
 
-class EmbeddingPoolingMIL(MILModel):
+class EmbeddingPoolingMIL(_PoolingMIL):
     """Pool the instance embeddings per dimension, then classify: ``logits = g(pool_i φ(x_i))``.
 
     Args: as :class:`InstancePoolingMIL`.
     """
-
-    def __init__(
-        self,
-        in_dim: int,
-        num_classes: int = 2,
-        pooling: str = "max",
-        embed_dim: int | None = 128,
-        dropout: float = 0.0,
-        lse_r: float = 5.0,
-    ) -> None:
-        super().__init__(in_dim, num_classes)
-        _check_pooling(pooling)
-        self.pooling, self.lse_r = pooling, lse_r
-        self.embed = feature_projector(in_dim, embed_dim, dropout)
-        self.classifier = nn.Linear(embed_dim or in_dim, num_classes)
 
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
