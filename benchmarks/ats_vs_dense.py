@@ -3,6 +3,7 @@ plus patch-extraction throughput (ours vs a naive per-patch loop vs a plain copy
 
     PYTHONPATH=src python benchmarks/ats_vs_dense.py            # writes benchmarks/results/ats_vs_dense.json
     PYTHONPATH=src python benchmarks/ats_vs_dense.py --quick    # tiny sizes, to check the script
+    PYTHONPATH=src python benchmarks/ats_vs_dense.py --device cuda   # → ats_vs_dense_cuda.json
 
 Method.
 * Step = forward + loss (``compute_loss``) + backward + Adam step of the registered models
@@ -14,7 +15,9 @@ Method.
   mark ``ru_maxrss``. Their difference is the step's working memory beyond the model, optimiser
   shell and input batch (activations, gradients, Adam state, temporaries), divided by the batch size.
   ``ru_maxrss`` is a true peak (it catches transient buffers), and separate processes keep the cases
-  from sharing allocator caches.
+  from sharing allocator caches. On CUDA the peak is ``torch.cuda.max_memory_allocated`` during the
+  steps minus the memory allocated just before them (the same quantity, read from the caching allocator),
+  and step times are taken after ``torch.cuda.synchronize``.
 * Patch extraction: ``extract_patches`` vs a per-patch Python loop over a zero-padded copy of each image
   (the reference PyTorch port's approach) vs ``Tensor.copy_`` of a contiguous tensor with the output's
   size (the memory-bandwidth floor). Median of a few calls; GB/s counts output bytes.
@@ -48,7 +51,7 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def run_case(method: str, size: int, batch: int, reps: int, threads: int) -> dict:
+def run_case(method: str, size: int, batch: int, reps: int, threads: int, device: str = "cpu") -> dict:
     """One (method, size) case in this process; returns times and memory."""
     import needlework
     from needlework.data import MegapixelMNIST
@@ -60,8 +63,10 @@ def run_case(method: str, size: int, batch: int, reps: int, threads: int) -> dic
     x_high = torch.stack([it["x_high"] for it in items])
     x_low = torch.stack([it["x_low"] for it in items])
     label = torch.tensor([it["label"] for it in items])
+    x_high, x_low, label = x_high.to(device), x_low.to(device), label.to(device)
     name = {"ats": "ats.megapixel_mnist", "dense": "dense.megapixel_mnist"}[method]
-    model = needlework.create_model(name, num_classes=10)
+    model = needlework.create_model(name, num_classes=10).to(device)
+    cuda = device.startswith("cuda")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -71,17 +76,29 @@ def run_case(method: str, size: int, batch: int, reps: int, threads: int) -> dic
         loss.backward()
         opt.step()
 
-    base = _rss_bytes()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
     times = []
     for i in range(reps + 1):
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         if i > 0:  # the first step is a warm-up (allocations, Adam state)
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     step_s = statistics.median(times)
     return {
         "method": method,
+        "device": device,
         "size": size,
         "batch": batch,
         "reps": reps,
@@ -107,7 +124,7 @@ def naive_patches(images: torch.Tensor, offsets: torch.Tensor, P: int) -> torch.
     return torch.stack(out)
 
 
-def extraction_benchmark(size: int, batch: int, n: int, P: int, reps: int, threads: int) -> dict:
+def extraction_benchmark(size: int, batch: int, n: int, P: int, reps: int, threads: int, device: str) -> dict:
     from needlework.ats import extract_patches
 
     torch.set_num_threads(threads)
@@ -115,16 +132,20 @@ def extraction_benchmark(size: int, batch: int, n: int, P: int, reps: int, threa
     images = torch.rand(batch, 1, size, size, generator=gen)
     offsets = torch.randint(-P // 2, size - P // 2, (batch, n, 2), generator=gen)  # some cross the border
     source = torch.rand(batch, n, 1, P, P, generator=gen)
+    images, offsets, source = images.to(device), offsets.to(device), source.to(device)
     target = torch.empty_like(source)
     ours = extract_patches(images, offsets, P)
     assert torch.equal(ours, naive_patches(images, offsets, P)), "extract_patches disagrees with the loop"
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def timed(fn) -> float:
         fn()
         ts = []
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
@@ -152,24 +173,33 @@ def _subprocess_case(args: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", nargs=5, metavar=("METHOD", "SIZE", "BATCH", "REPS", "THREADS"))
+    parser.add_argument("--case", nargs=6, metavar=("METHOD", "SIZE", "BATCH", "REPS", "THREADS", "DEVICE"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (script check only)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
     )
-    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, help="default: results/ats_vs_dense[_cuda].json")
     args = parser.parse_args()
     if args.case:
-        m, s, b, r, t = args.case
-        print(json.dumps(run_case(m, int(s), int(b), int(r), int(t))))
+        m, s, b, r, t, d = args.case
+        print(json.dumps(run_case(m, int(s), int(b), int(r), int(t), d)))
         return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.out is None:
+        args.out = (
+            RESULT
+            if args.device == "cpu"
+            else RESULT.with_name(f"ats_vs_dense_{args.device.split(':')[0]}.json")
+        )
     # (method, size, batch, reps): ATS batches amortise per-step overheads; dense runs one image per step
     plan = [("ats", 1500, 16, 5), ("dense", 1500, 1, 2), ("ats", 750, 16, 5), ("dense", 750, 1, 3)]
     if args.quick:
         plan = [("ats", 200, 4, 2), ("dense", 200, 1, 2)]
     cases = []
     for method, size, batch, reps in plan:
-        c = _subprocess_case([method, str(size), str(batch), str(reps), str(args.threads)])
+        c = _subprocess_case([method, str(size), str(batch), str(reps), str(args.threads), args.device])
         print(
             f"  {method:>5} {size:>5}²  batch {batch:>2}: {c['time_per_sample_s'] * 1e3:9.1f} ms/sample, "
             f"{c['peak_bytes_per_sample'] / 2**20:8.1f} MiB/sample",
@@ -187,8 +217,8 @@ def main() -> int:
         }
     ext_size = 200 if args.quick else 1500
     extraction = [
-        extraction_benchmark(ext_size, 16, 10, 50, 5, args.threads),
-        extraction_benchmark(ext_size, 16, 64, 50, 5, args.threads),
+        extraction_benchmark(ext_size, 16, 10, 50, 5, args.threads, args.device),
+        extraction_benchmark(ext_size, 16, 64, 50, 5, args.threads, args.device),
     ]
     result = {
         "benchmark": "ats_vs_dense",
@@ -200,9 +230,17 @@ def main() -> int:
             "load_average_at_end": os.getloadavg(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },
-        "memory_method": "per case subprocess: ru_maxrss after the steps minus VmRSS just before the first "
-        "step (step working memory beyond model, optimiser shell and input batch), divided by the batch",
+        "memory_method": (
+            "per case subprocess: ru_maxrss after the steps minus VmRSS just before the first step (step "
+            "working memory beyond model, optimiser shell and input batch), divided by the batch"
+            if args.device == "cpu"
+            else "per case subprocess: torch.cuda.max_memory_allocated during the steps minus "
+            "memory_allocated "
+            "just before them, divided by the batch"
+        ),
         "time_method": "median step time over reps after one warm-up step, divided by the batch",
         "cases": cases,
         "ratios": ratios,

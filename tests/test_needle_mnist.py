@@ -129,3 +129,38 @@ def test_bad_arguments(kwargs, message):
 def test_index_out_of_range():
     with pytest.raises(IndexError, match="out of range"):
         NeedleMNIST(canvas=64, size=4)[4]
+
+
+class _FixedDraws:
+    """Stands in for a numpy Generator: ``uniform`` returns the given values in order."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def uniform(self, low, high):
+        return self.values.pop(0)
+
+
+def test_digit_warp_identity_and_right_angle():
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[3:9, 14:25] = 200  # an asymmetric blob: a wrong centre or direction would show
+    digit[20:26, 5:8] = 90
+    identity = nm._DigitWarp(_FixedDraws(0.0, 1.0, 0.0))(digit)
+    assert np.array_equal(identity, digit)
+    quarter_turn = nm._DigitWarp(_FixedDraws(90.0, 1.0, 0.0))(digit)
+    assert np.array_equal(quarter_turn, np.rot90(digit))  # counter-clockwise, as displayed
+
+
+def test_augment_keeps_layout_labels_and_determinism():
+    plain = NeedleMNIST(canvas=128, split="train", size=12, seed=5)
+    aug = NeedleMNIST(canvas=128, split="train", size=12, seed=5, augment=True)
+    changed = 0
+    for i in range(len(plain)):
+        p, a = plain[i], aug[i]
+        assert p["label"] == a["label"] and np.array_equal(p["boxes"], a["boxes"])
+        assert np.array_equal(a["image"], aug[i]["image"])  # deterministic per index
+        changed += not np.array_equal(p["image"], a["image"])
+        # scale 0.9-1.1 changes each digit's ink by at most its area factor (0.81-1.21), up to clipping
+        assert 0.7 < float(a["image"].sum()) / float(p["image"].sum()) < 1.3
+    assert changed == len(plain)
+    assert aug.meta()["augment"] and not plain.meta()["augment"]

@@ -64,6 +64,10 @@ class NeedleMNIST(Dataset):
         cell: grid cell for target placement (reference: 64).
         mnist_dir: full-MNIST IDX folder (default: the bundled 5k digits).
         cache: materialise the images once as uint8 under the cache directory (small canvases only).
+        augment: draw every digit (needle and clutter) through a small random affine map — rotation
+            ±15°, scale 0.9–1.1, shear ±0.15 — so a training set built from few needle instances (the
+            bundled pool has about 360 training 3s) generalises to unseen ones. For training splits;
+            the draws come from their own stream, so ``augment=False`` images are unchanged.
 
     Items are dicts: ``image`` ``(1, H, W)`` float32 in [0, 1], ``label`` int (1 = contains the needle),
     ``boxes`` ``(n, 4)`` float32 xyxy of the needle (n = 1 for positives, 0 for negatives),
@@ -85,6 +89,7 @@ class NeedleMNIST(Dataset):
         cell: int = 64,
         mnist_dir: str | None = None,
         cache: bool = False,
+        augment: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -113,6 +118,7 @@ class NeedleMNIST(Dataset):
         self.canvas, self.split, self.seed = canvas, split, seed
         self.n_clutter, self.target_digit = n_clutter, target_digit
         self.target_placement, self.cell = target_placement, cell
+        self.augment = bool(augment)
         self.pool = digit_pool(split, mnist_dir)
         self._targets = self.pool.indices_of(target_digit)
         self._clutter = self.pool.indices_not(target_digit)
@@ -162,29 +168,33 @@ class NeedleMNIST(Dataset):
             "split": self.split,
             "digit_source": self.pool.source,
             "generator_version": GENERATOR_VERSION,
+            "augment": self.augment,
         }
 
     # -- generation --------------------------------------------------------------------------------------
-    def _rng(self, base: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed, _SPLIT_IDS[self.split], base]))
+    def _rng(self, base: int, stream: int = 0) -> np.random.Generator:
+        """Generator of item ``base``; stream 0 places the digits, stream 1 draws augmentations."""
+        key = [self.seed, _SPLIT_IDS[self.split], base] + ([stream] if stream else [])
+        return np.random.default_rng(np.random.SeedSequence(key))
 
     def generate(self, base: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``(H, W)`` uint8 and needle boxes ``(n, 4)`` xyxy for base index ``base``."""
         rng = self._rng(base)
         size, images = self.canvas, self.pool.images
+        warp = _DigitWarp(self._rng(base, stream=1)) if self.augment else (lambda digit: digit)
         canvas = np.zeros((size, size), dtype=np.int32)
         boxes = np.zeros((0, 4), dtype=np.float32)
         positive = base < self.n_positive
         if positive:
             digit = images[self._targets[base % len(self._targets)]]
             x, y = self._target_corner(rng)
-            canvas[y : y + DIGIT, x : x + DIGIT] += digit
+            canvas[y : y + DIGIT, x : x + DIGIT] += warp(digit)
             boxes = np.array([[x, y, x + DIGIT, y + DIGIT]], dtype=np.float32)
         n = self.n_clutter + (0 if positive else 1)
         picks = self._clutter[rng.integers(0, len(self._clutter), size=n)]
         corners = rng.integers(0, size - DIGIT, size=(n, 2))
         for idx, (x, y) in zip(picks, corners):
-            canvas[y : y + DIGIT, x : x + DIGIT] += images[idx]
+            canvas[y : y + DIGIT, x : x + DIGIT] += warp(images[idx])
         return np.minimum(canvas, 255).astype(np.uint8), boxes
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -252,3 +262,23 @@ class NeedleMNIST(Dataset):
         del out
         os.replace(tmp, path)
         return np.load(path, mmap_mode="r")
+
+
+class _DigitWarp:
+    """Random small affine map of a 28×28 uint8 digit about its centre (bilinear, rounded to uint8)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def __call__(self, digit: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import affine_transform
+
+        angle = np.deg2rad(self.rng.uniform(-15, 15))
+        scale = self.rng.uniform(0.9, 1.1)
+        shear = self.rng.uniform(-0.15, 0.15)
+        cos, sin = np.cos(angle), np.sin(angle)
+        forward = scale * np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+        inverse = np.linalg.inv(forward)  # affine_transform maps output coordinates to input ones
+        centre = np.array([(DIGIT - 1) / 2, (DIGIT - 1) / 2])
+        out = affine_transform(digit.astype(np.float32), inverse, offset=centre - inverse @ centre, order=1)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)

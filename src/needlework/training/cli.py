@@ -10,6 +10,7 @@ skip).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class NeedleworkCLI(LightningCLI):
 
 
 def main(argv: list[str]) -> int:
+    # From the console script argv *is* sys.argv[1:]; LightningCLI then reads sys.argv itself (handing it
+    # the same list again only makes it warn about receiving both). From Python, argv is passed through.
+    args = None if argv == sys.argv[1:] else argv
     NeedleworkCLI(
         ClassificationTask,
         DatasetDataModule,
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> int:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,
         auto_configure_optimizers=False,
     )
     return 0
