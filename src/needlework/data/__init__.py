@@ -1,6 +1,9 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
-from needlework.data import bags  # noqa: F401  (registers "slide_bags")
+from needlework.data import (
+    bags,  # noqa: F401  (registers "slide_bags")
+    multimag_bags,  # noqa: F401  (registers "slide_bags_multimag")
+)
 from needlework.data.collate import pad_bags
 from needlework.data.gabor import GaborTextures
 from needlework.data.megapixel_mnist import MegapixelMNIST, MegapixelMNISTIPS
