@@ -7,7 +7,9 @@ Settings:
 * ``slides`` — bags of the synthetic-slide cohort of the slide pipeline (``benchmarks/mil_slides.py``:
   pyramidal TIFFs with small planted lesions → 64-px tiles at 40× → ``color_stats`` features → patient-level
   folds, trained on a fold's train + validation slides and tested on its test slides; repeat ``i`` uses
-  fold ``i mod 4``). Skipped when ``needlework.slides`` is not installed.
+  fold ``i mod 4``). ZoomMIL gets the same slides tiled at 10×, 20× and 40× (``slide_bags_multimag``:
+  it starts from the 10× tiles and zooms into k = 4 per level). Skipped when ``needlework.slides`` is not
+  installed.
 * ``planted`` — planted feature bags (:mod:`needlework.data.planted_bags`): 32-d tile features of
   slide-like grids at three magnifications (4 children per parent) with a 4×4-tile lesion (at the highest
   magnification, signal 2σ) in positive slides. Single-level models see the highest magnification
@@ -57,7 +59,7 @@ from torchmetrics.functional.classification import (
 
 import mil_slides  # benchmarks/mil_slides.py, next to this script
 import needlework
-from mil_settings import DATASETS, HEAD_KWARGS, MULTI_LEVEL, PRESETS
+from mil_settings import DATASETS, HEAD_KWARGS, MULTI_LEVEL, MULTI_LEVEL_DATASETS, PRESETS
 from needlework.data.level_collate import pad_bag_levels
 from needlework.models.mil import list_mil_models
 
@@ -67,7 +69,7 @@ RESULTS = Path(__file__).parent / "results" / "mil.json"
 
 def applicable(setting: str, name: str) -> bool:
     levels = DATASETS[setting][1].get("levels", 1)
-    return name not in MULTI_LEVEL or levels > 1
+    return name not in MULTI_LEVEL or levels > 1 or setting in MULTI_LEVEL_DATASETS
 
 
 def single_level(batch: dict, level: int) -> dict:
@@ -87,14 +89,20 @@ def build_model(setting: str, name: str, in_dim: int) -> torch.nn.Module:
     return needlework.create_model(name, in_dim=in_dim, num_classes=2, **kwargs)
 
 
-def make_splits(setting: str, cfg: dict, seed: int) -> tuple[Any, Any]:
-    """Train and test datasets of ``setting`` for repeat ``seed``."""
+def make_splits(setting: str, cfg: dict, seed: int, name: str = "") -> tuple[Any, Any]:
+    """Train and test datasets of ``setting`` for repeat ``seed`` (and model ``name``: multi-level models
+    get multi-magnification slide bags)."""
     dataset_name, kwargs = DATASETS[setting]
     if setting == "slides":
-        paths = mil_slides.prepare(cfg["slides"])
+        multi = name in MULTI_LEVEL
+        paths = (mil_slides.prepare_multimag if multi else mil_slides.prepare)(cfg["slides"])
         split_file = Path(paths["splits_dir"]) / f"splits_{seed % paths['folds']}.csv"
-        common = {"features_dir": paths["features_dir"], "labels_csv": paths["labels_csv"],
-                  "split_file": str(split_file), "cache": True}
+        common = {"labels_csv": paths["labels_csv"], "split_file": str(split_file), "cache": True}
+        if multi:
+            dataset_name = MULTI_LEVEL_DATASETS[setting]
+            common["features_dirs"] = paths["features_dirs"]
+        else:
+            common["features_dir"] = paths["features_dir"]
         train = [needlework.create_dataset(dataset_name, split=part, **common) for part in ("train", "val")]
         return ConcatDataset(train), needlework.create_dataset(dataset_name, split="test", **common)
     return (needlework.create_dataset(dataset_name, split="train", size=cfg["train"], seed=seed, **kwargs),
@@ -176,7 +184,7 @@ def run_one(setting: str, name: str, seed: int, cfg: dict, device: str, threads:
     """Train and evaluate one model."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    train, test = make_splits(setting, cfg, seed)
+    train, test = make_splits(setting, cfg, seed, name)
     levels = DATASETS[setting][1].get("levels", 1)
     level = 0 if name in MULTI_LEVEL else levels - 1
     test_batches = batches(test, 32, None, device, level)

@@ -53,6 +53,11 @@ HEAD_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
                      "coord_stride": 64},
         "sparseconvmil": {"cell_size": 64, "rotation": "right_angles", "scale": None},
         "dsmil": {"embed_dim": 128},
+        # 10× → 20× → 40× (mil_slides.MULTIMAG): 8×6 tiles at 10× on a 2048×1536 slide
+        "zoommil": {"num_levels": 3, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.0, "k": 4,
+                    "sigma": 0.05, "n_samples": 50},
     },
 }
+# settings whose multi-level models read other bags than the single-level ones: setting -> dataset name
+MULTI_LEVEL_DATASETS = {"slides": "slide_bags_multimag"}
 MULTI_LEVEL = {"zoommil"}  # models that take every magnification; the others get the highest one

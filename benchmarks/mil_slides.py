@@ -5,7 +5,10 @@ slides per patient; ``slides tile`` cuts 64-px tiles at 40× (0.25 µm/px; a les
 covers a few) from the tissue; ``slides embed`` embeds them with the ``color_stats`` encoder (colour
 statistics: cheap on CPU, and the lesions differ in colour); ``slides splits`` writes patient-grouped
 stratified folds (the benchmark trains on the train and validation parts of a fold and tests on its test
-part). The cohort is cached under ``$NEEDLEWORK_CACHE/bench_mil_slides/`` in a folder named by a hash of
+part). For multi-magnification models (ZoomMIL) :func:`prepare_multimag` also tiles and embeds the same
+slides at 10× and 20× with the same patch size (footprints 256 and 128 level-0 px, 4 children per parent
+per level), read by the ``slide_bags_multimag`` dataset. The cohort is cached under
+``$NEEDLEWORK_CACHE/bench_mil_slides/`` in a folder named by a hash of
 the specification.
 """
 
@@ -29,6 +32,7 @@ SPEC: dict[str, Any] = {
     "folds": 4,
     "seed": 0,
 }
+MULTIMAG = (10, 20, 40)  # magnifications of the multi-level bags, lowest first (the last is target_mag)
 
 
 def available() -> bool:
@@ -76,3 +80,27 @@ def prepare(n_slides: int, cache: Path | None = None) -> dict[str, Any]:
     }
     done.write_text(json.dumps({"spec": spec, "paths": paths}, indent=2))
     return paths
+
+
+def prepare_multimag(n_slides: int, cache: Path | None = None) -> dict[str, Any]:
+    """:func:`prepare`, plus tilings and ``color_stats`` features at every magnification of
+    :data:`MULTIMAG`; adds ``features_dirs`` (lowest magnification first) to the returned paths."""
+    paths = prepare(n_slides, cache)
+    tiling_40 = Path(paths["features_dir"]).parent
+    job, root = tiling_40.parent, tiling_40.parent.parent
+    cohort = root / "cohort"
+    done = root / "DONE_multimag.json"
+    if done.exists() and json.loads(done.read_text()).get("mags") == list(MULTIMAG):
+        return {**paths, "features_dirs": json.loads(done.read_text())["features_dirs"]}
+    dirs = []
+    for mag in MULTIMAG:
+        tiling = job / f"{mag}x_{SPEC['patch_size']}px_0px_overlap"
+        if mag != SPEC["target_mag"]:
+            _run(["slides", "tile", cohort / "slides", "--job-dir", job, "--target-mag", mag,
+                  "--patch-size", SPEC["patch_size"], "--mpp-csv", cohort / "mpp_overrides.csv",
+                  "--no-progress"])
+            _run(["slides", "embed", cohort / "slides", "--job-dir", job, "--tiling", tiling.name,
+                  "--encoder", SPEC["encoder"], "--num-workers", 0, "--no-progress"])
+        dirs.append(str(tiling / f"features_{SPEC['encoder']}"))
+    done.write_text(json.dumps({"mags": list(MULTIMAG), "features_dirs": dirs}, indent=2))
+    return {**paths, "features_dirs": dirs}
