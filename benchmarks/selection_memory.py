@@ -246,8 +246,12 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "load_avg_1min": os.getloadavg()[0],
             },
-            "memory_measure": "CPU: peak RSS during the second step above the level before it; "
-            "saved: autograd saved-tensor bytes of one forward",
+            "memory_measure": (
+                "CPU: peak RSS during the second step above the level before it"
+                if args.device == "cpu"
+                else "CUDA: torch.cuda.max_memory_allocated during the second step above the level before it"
+            )
+            + "; saved: autograd saved-tensor bytes of one forward",
             "models": model_rows,
             "operator": op_rows,
         },

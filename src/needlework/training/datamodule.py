@@ -21,6 +21,14 @@ class DatasetDataModule(L.LightningDataModule):
         batch_size: training batch size; ``eval_batch_size`` defaults to it.
         num_workers: DataLoader worker processes.
         collate: ``"default"`` (stack what stacks) or ``"pad_bags"`` (bags padded with masks).
+        train_schedule: a curriculum — stages ``{"epochs": n, **train overrides}`` run in order, the last
+            one until training ends (e.g. ``[{"epochs": 20, "canvas": 64}, {"epochs": 10}]``: small
+            canvases first, at a quarter of the cost per image).
+        resample_each_epoch: draw a fresh training set every epoch (generated datasets: ``seed`` is
+            derived from the epoch), so a long run never sees the same image twice.
+
+    With ``train_schedule`` or ``resample_each_epoch`` the trainer must rebuild the training loader
+    every epoch (``Trainer(reload_dataloaders_every_n_epochs=1)``).
     """
 
     def __init__(
@@ -35,9 +43,16 @@ class DatasetDataModule(L.LightningDataModule):
         num_workers: int = 0,
         collate: str = "default",
         pin_memory: bool = False,
+        train_schedule: list[dict[str, Any]] | None = None,
+        resample_each_epoch: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for i, stage in enumerate(train_schedule or []):
+            if not isinstance(stage, dict) or not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
+                raise ValueError(
+                    f"train_schedule[{i}] must be a dict with a positive integer 'epochs', got {stage!r}"
+                )
         self.collate_fn = get_collate(collate)
         self._datasets: dict[str, Dataset] = {}
 
@@ -63,7 +78,30 @@ class DatasetDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        if not h.train_schedule and not h.resample_each_epoch:
+            return self._loader("train", shuffle=True)
+        trainer = self.trainer
+        if trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "data.train_schedule / data.resample_each_epoch need a new training loader every epoch: "
+                "set trainer.reload_dataloaders_every_n_epochs to 1"
+            )
+        epoch = trainer.current_epoch if trainer is not None else 0
+        kwargs = {**(h.dataset_kwargs or {}), **(h.train_kwargs or {}), **self.train_stage(epoch)}
+        if h.resample_each_epoch:
+            kwargs["seed"] = int(kwargs.get("seed", 0)) * 1_000_003 + epoch + 1
+        self._datasets["train"] = create_dataset(h.dataset, split="train", **kwargs)
         return self._loader("train", shuffle=True)
+
+    def train_stage(self, epoch: int) -> dict[str, Any]:
+        """Training-set overrides of the curriculum stage that ``epoch`` falls in ({} without one)."""
+        stages = self.hparams.train_schedule or []
+        for stage in stages:
+            if epoch < stage["epochs"]:
+                return {k: v for k, v in stage.items() if k != "epochs"}
+            epoch -= stage["epochs"]
+        return {k: v for k, v in stages[-1].items() if k != "epochs"} if stages else {}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

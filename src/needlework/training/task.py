@@ -35,8 +35,8 @@ class ClassificationTask(L.LightningModule):
         label_key: batch key of the target.
         optimizer: ``adam``, ``adamw``, ``sgd`` or ``rmsprop``.
         lr, weight_decay, momentum, eps: optimiser settings (momentum for SGD/RMSprop).
-        scheduler: ``None``, ``"cosine"`` (over ``max_epochs``) or ``"multistep"`` (``milestones``,
-            ``gamma``).
+        scheduler: ``None``, ``"cosine"`` (per step, to zero at the last step) or ``"multistep"``
+            (``milestones`` in epochs, ``gamma``).
         class_weight: per-class loss weights (class imbalance).
     """
 
@@ -144,10 +144,9 @@ class ClassificationTask(L.LightningModule):
         if h.scheduler is None:
             return optimizer
         if h.scheduler == "cosine":
-            epochs = max(1, self.trainer.max_epochs or 1)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        else:
-            sched = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=h.milestones or [], gamma=h.gamma
-            )
+            # per optimiser step, so short runs and max_steps budgets decay smoothly to zero
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=h.milestones or [], gamma=h.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
