@@ -25,6 +25,7 @@ from torch import nn
 
 from needlework.checks import check_shape
 from needlework.models.base import NeedleworkModel
+from needlework.models.layers import Conv1x1
 from needlework.models.pooling import AttentionPool, create_pooling, flatten_map
 from needlework.registry import register_model
 
@@ -61,7 +62,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out, 1, stride=stride, bias=False),
+            self.shortcut = nn.Sequential(Conv1x1(in_ch, out, stride=stride),
                                           make_norm(norm, out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from needlework.checks import check_shape
+from needlework.models.layers import Conv1x1
 from needlework.registry import create_encoder, register_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,7 +117,7 @@ class Bottleneck(nn.Module):
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential | None:
     if stride == 1 and cin == cout:
         return None
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    return nn.Sequential(Conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
 
 class ResNet(nn.Module):

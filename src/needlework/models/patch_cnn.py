@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from needlework.models.layers import Conv1x1
+
 NORMS = ("batch", "group", "none")
 
 
@@ -41,7 +43,7 @@ class BasicBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=norm == "none"), _norm(norm, out_ch)
+                Conv1x1(in_ch, out_ch, stride, bias=norm == "none"), _norm(norm, out_ch)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
