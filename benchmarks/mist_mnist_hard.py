@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from needlework.data import MultiMNIST
-from needlework.mist.training import MISTTask
+from needlework.training.mist import MISTTask
 
 PAPER = {  # detection (IoU > 0.5) / classification of matches / both, % (METHODS.md §8.3)
     "mist": (97.8, 98.8, 97.5),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import needlework
-from needlework.ats.plot import plot_attention_sampling, plot_batch
 from needlework.data import MegapixelMNIST
+from needlework.viz.attention import plot_attention_sampling, plot_batch
 
 
 def _is_png(path) -> bool:
@@ -37,8 +37,8 @@ def test_plot_without_patches(tmp_path):
 @pytest.mark.filterwarnings("ignore:No positive samples")
 def test_callback_in_a_training_run(tmp_path):
     L = pytest.importorskip("lightning")
-    from needlework.ats.callback import AttentionPlotCallback
     from needlework.training import ClassificationTask, DatasetDataModule
+    from needlework.training.callbacks import AttentionPlotCallback
 
     task = ClassificationTask(
         "ats.megapixel_mnist", model_kwargs={"n_patches": 3, "patch_size": 30}, num_classes=10

@@ -101,7 +101,7 @@ def test_demo_model_survives_the_curriculum_canvas_switch():
     """The demo's model, memory format and optimiser through its 64 → 128 px switch (the crash of #11)."""
     assert_ok(run_python("""
         import torch
-        from needlework.demo import build_task
+        from needlework.cli.demo import build_task
         torch.manual_seed(0)
         task = build_task(3e-3)
         model = task.model

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mil_helpers import one_thread  # noqa: F401  (autouse fixture)
-from needlework.training import summary
+from needlework.cli import summarize as summary
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mil").glob("*.yaml"))
 SLIDE_CONFIG = Path(__file__).parents[1] / "configs" / "mil" / "slides" / "abmil_gated.yaml"
@@ -35,7 +35,7 @@ def test_every_mil_model_has_a_config():
 def test_config_builds(config, clean_argv, tmp_path):
     if config.stem == "zoommil":
         pytest.importorskip("needlework.topk", reason="needlework.topk (perturbed_topk) not available")
-    from needlework.training.cli import NeedleworkCLI
+    from needlework.cli.train import NeedleworkCLI
     from needlework.training.datamodule import DatasetDataModule
     from needlework.training.task import ClassificationTask
 

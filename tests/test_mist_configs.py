@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from needlework.cli import main as cli_main
-from needlework.mist.training import MISTTask
-from needlework.training.cli import NeedleworkCLI
+from needlework.cli.train import NeedleworkCLI
 from needlework.training.datamodule import DatasetDataModule
+from needlework.training.mist import MISTTask
 from needlework.training.task import ClassificationTask
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "mist").glob("*.yaml"))

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from needlework.mist import (
+from needlework.mist import local_spatial_softmax
+from needlework.models.mist_networks import (
     HeatmapNet,
     MultiScaleHeatmap,
     PatchAutoencoder,
     PatchClassifier,
-    local_spatial_softmax,
     soft_argmax,
 )
 

@@ -9,7 +9,7 @@ import torch
 
 import needlework
 from needlework.data import GaborTextures, MultiMNIST
-from needlework.mist.training import MISTTask
+from needlework.training.mist import MISTTask
 
 TINY = dict(
     k=2,

@@ -4,6 +4,17 @@ A model is registered by decorating a factory (a function or a class) with ``@re
 ``create_model(name, **kwargs)`` builds it and ``list_models(pattern)`` lists the names. Names use
 dots for variants (``"bagnet.rf33"``, ``"abmil.gated"``).
 
+This module is a leaf: it imports nothing of needlework. Built-ins register themselves when their
+package is imported (``needlework.models``, ``needlework.data``; the top-level ``needlework.create_model``
+imports both first). Third-party packages plug in through entry points, loaded on the first look-up
+of a name that is not registered::
+
+    [project.entry-points."needlework.models"]
+    my_model = "my_package.models:MyModel"     # a factory: registered under the entry point's name
+    my_family = "my_package.models"            # a module: importing it runs its @register_model lines
+
+Groups: ``needlework.models``, ``needlework.encoders``, ``needlework.datasets``, ``needlework.collates``.
+
 Example:
     >>> import needlework
     >>> "bagnet" in needlework.list_models()
@@ -13,18 +24,22 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry:
-    """A name → factory mapping with helpful errors."""
+    """A name → factory mapping with helpful errors, and entry points of group ``needlework.<kind>s``."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.group = f"needlework.{kind}s"
         self._factories: dict[str, Callable[..., Any]] = {}
+        self._plugins_loaded = False
 
     def register(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator registering ``factory`` under ``name`` (default: its ``__name__``)."""
@@ -38,48 +53,57 @@ class Registry:
 
         return decorator
 
+    def load_plugins(self) -> None:
+        """Load the entry points of group ``needlework.<kind>s`` (once; a broken plug-in is named)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=self.group):
+            try:
+                obj = ep.load()
+            except Exception as err:  # a broken plug-in must not hide the built-ins
+                raise ImportError(
+                    f"the {self.group} entry point {ep.name!r} ({ep.value}) failed to import: {err}. "
+                    "Fix or uninstall the package that provides it."
+                ) from err
+            if not inspect.ismodule(obj) and callable(obj) and ep.name not in self._factories:
+                self._factories[ep.name] = obj
+
     def get(self, name: str) -> Callable[..., Any]:
-        _load_builtin_modules()
+        if name not in self._factories:
+            self.load_plugins()
         try:
             return self._factories[name]
         except KeyError:
             close = [n for n in self._factories if name.split(".")[0] in n][:8]
             hint = f" Did you mean one of {close}?" if close else ""
             raise KeyError(
-                f"Unknown {self.kind} {name!r}.{hint} See needlework.list_{self.kind}s() for all names."
+                f"Unknown {self.kind} {name!r}.{hint} See needlework.list_{self.kind}s() for all names "
+                f"(a plug-in registers through the {self.group!r} entry points)."
             ) from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
 
     def names(self, pattern: str = "*") -> list[str]:
-        _load_builtin_modules()
+        self.load_plugins()
         return sorted(n for n in self._factories if fnmatch.fnmatch(n, pattern))
 
     def __contains__(self, name: str) -> bool:
-        _load_builtin_modules()
+        if name not in self._factories:
+            self.load_plugins()
         return name in self._factories
 
 
 MODELS = Registry("model")
 ENCODERS = Registry("encoder")
 DATASETS = Registry("dataset")
+COLLATES = Registry("collate")
 
 register_model = MODELS.register
 register_encoder = ENCODERS.register
 register_dataset = DATASETS.register
-
-_loaded = False
-
-
-def _load_builtin_modules() -> None:
-    """Import the modules that register built-in factories (lazily, to keep imports cheap)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import needlework.data
-    import needlework.models  # noqa: F401  (registers models and encoders)
+register_collate = COLLATES.register
 
 
 def create_model(name: str, **kwargs: Any) -> Any:
@@ -110,3 +134,11 @@ def create_dataset(name: str, **kwargs: Any) -> Any:
 def list_datasets(pattern: str = "*") -> list[str]:
     """Names of all registered datasets matching ``pattern``."""
     return DATASETS.names(pattern)
+
+
+def get_collate(name: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """The DataLoader ``collate_fn`` registered under ``name`` (``"default"``, ``"pad_bags"``, ...)."""
+    try:
+        return COLLATES.get(name)
+    except KeyError:
+        raise ValueError(f"unknown collate {name!r}; choose one of {COLLATES.names()}") from None

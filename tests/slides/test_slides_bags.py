@@ -11,8 +11,8 @@ from slide_helpers import TILING
 
 from needlework.data.collate import pad_bags
 from needlework.data.splits import create_splits, make_splits, read_label_csv, read_split_file
+from needlework.io.h5 import read_features
 from needlework.registry import create_dataset
-from needlework.slides.h5io import read_features
 
 
 def test_pad_bags_shapes_mask_and_content():

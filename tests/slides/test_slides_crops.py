@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from needlework.io.geojson import read_polygons
 from needlework.slides.crops import (
     CropConfig,
     balance_crops,
@@ -15,7 +16,6 @@ from needlework.slides.crops import (
     lesion_mask_from_polygons,
     positive_positions,
 )
-from needlework.slides.geojson import read_polygons
 
 
 def test_positive_positions_contain_the_whole_component_and_respect_o2i():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from needlework.slides.geojson import read_polygons, tiles_to_geojson, validate_geojson
-from needlework.slides.h5io import read_coords
-from needlework.slides.heatmap import export_heatmap, normalise_scores, scores_from_model
+from needlework.io.geojson import read_polygons, tiles_to_geojson, validate_geojson
+from needlework.io.h5 import read_coords
+from needlework.slides.heatmap_export import export_heatmap, normalise_scores, scores_from_model
 
 # RFC 7946 subset for what we write: a FeatureCollection of Polygon features (independent of our validator).
 POSITION = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}

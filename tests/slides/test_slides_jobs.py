@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from slide_helpers import N_SLIDES, TILING, artefacts, embed_config, tile_config
 
+from needlework.io.h5 import read_coords, read_features
 from needlework.slides import embed_job, jobs
 from needlework.slides.embed import embed_tiles
 from needlework.slides.embed_job import run_embedding
-from needlework.slides.h5io import read_coords, read_features
 from needlework.slides.jobs import SlideJobError, run_tiling
 from needlework.slides.reader import open_slide
 from needlework.slides.status import SlideLock

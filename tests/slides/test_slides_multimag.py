@@ -12,7 +12,7 @@ import needlework
 from needlework.data.level_collate import pad_bag_levels
 from needlework.data.planted_bags import PlantedBags
 from needlework.data.zoom_index import build_zoom_index
-from needlework.slides.h5io import write_features_h5
+from needlework.io.h5 import write_features_h5
 
 TILE = 16  # level-0 px of a highest-magnification planted tile
 MAGS = (10, 20, 40)

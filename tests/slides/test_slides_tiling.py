@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from slide_helpers import TILING
 
-from needlework.slides.h5io import read_coords, write_patches_h5
+from needlework.io.h5 import read_coords, write_patches_h5
 from needlework.slides.reader import ArrayReader
 from needlework.slides.synthetic import SyntheticSlideSpec, render_synthetic_slide
 from needlework.slides.tiling import TilingConfig, grid_coords, tile_geometry, tile_slide, tissue_fractions

@@ -9,8 +9,8 @@ positions → :func:`cells_to_offsets` (attention cell → high-resolution patch
 from needlework.ats.expectation import ESTIMATORS, expectation, remaining_mass
 from needlework.ats.mapping import cells_to_offsets
 from needlework.ats.multilevel import nested_expectation
-from needlework.ats.patches import extract_patches, extract_patches_1d, extract_patches_3d, extract_patches_nd
 from needlework.ats.sampling import attention_from_logits, entropy, entropy_regulariser, sample
+from needlework.ops.patches import extract_patches, extract_patches_1d, extract_patches_3d, extract_patches_nd
 
 __all__ = [
     "ESTIMATORS",

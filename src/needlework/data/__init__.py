@@ -1,8 +1,11 @@
 """Datasets and digit sources. Importing this package registers every built-in dataset."""
 
-from needlework.data import (
-    bags,  # noqa: F401  (registers "slide_bags")
-    multimag_bags,  # noqa: F401  (registers "slide_bags_multimag")
+from needlework.data import (  # noqa: F401  (each import registers its datasets or collates)
+    bags,
+    batching,
+    collate,
+    level_collate,
+    multimag_bags,
 )
 from needlework.data.collate import pad_bags
 from needlework.data.gabor import GaborTextures

@@ -129,7 +129,7 @@ class SlideBagDataset(Dataset):
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        from needlework.slides.h5io import read_features
+        from needlework.io.h5 import read_features
 
         feats, coords, _ = read_features(self.items[i]["path"], mpp=self.mpp)
         if len(feats) == 0:

@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from needlework.registry import register_collate
+
 
 def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     return t.to(dtype) if dtype is not None else t
 
 
+@register_collate("pad_bags")
 def pad_bags(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack bags of different sizes into a padded batch.
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from needlework.registry import register_collate
+
 _BAG_KEY = re.compile(r"^bag(_\d+)?$")
 
 
@@ -39,6 +41,7 @@ def _pad(values: list[torch.Tensor], n_max: int) -> torch.Tensor:
     return out
 
 
+@register_collate("pad_bag_levels")
 def pad_bag_levels(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Collate samples with one or more bag levels (see the module docstring)."""
     if not samples:

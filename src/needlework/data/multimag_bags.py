@@ -108,7 +108,7 @@ class SlideBagsMultiMag(SlideBagDataset):
         return len(self.features_dirs)
 
     def _read_level(self, path: Path) -> _Level:
-        from needlework.slides.h5io import read_features
+        from needlework.io.h5 import read_features
 
         feats, coords, attrs = read_features(path)
         if coords is None or "patch_size_level0" not in attrs:

@@ -25,9 +25,11 @@ from needlework.ats import (
     sample,
 )
 from needlework.checks import check_same
+from needlework.models.ats_networks import MegapixelMNISTAttention, MegapixelMNISTFeatures
 from needlework.models.base import NeedleworkModel
+from needlework.registry import register_model
 
-__all__ = ["ATSClassifier", "AttentionSampling"]
+__all__ = ["ATSClassifier", "AttentionSampling", "ats_megapixel_mnist"]
 
 
 class AttentionSampling(nn.Module):
@@ -181,3 +183,36 @@ class ATSClassifier(NeedleworkModel):
             "attention_entropy": entropy(attention.detach()).mean(),
             "aux_loss": {"entropy": entropy_regulariser(attention, self.entropy_weight)},
         }
+
+
+@register_model("ats.megapixel_mnist")
+def ats_megapixel_mnist(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    n_patches: int = 10,
+    patch_size: int = 50,
+    replace: bool = False,
+    smoothing: float = 1e-5,
+    entropy_weight: float = 1e-4,
+    attention_channels: int = 8,
+    attention_activation: str = "tanh",
+    feature_channels: int = 32,
+    estimator: str = "unbiased",
+    multilabel: bool = False,
+) -> ATSClassifier:
+    """ATS with the reference Megapixel MNIST networks (defaults: the reference code's settings)."""
+    features = MegapixelMNISTFeatures(in_channels, feature_channels)
+    return ATSClassifier(
+        attention_net=MegapixelMNISTAttention(in_channels, attention_channels, attention_activation),
+        feature_net=features,
+        feature_dim=features.out_dim,
+        num_classes=num_classes,
+        n_patches=n_patches,
+        patch_size=patch_size,
+        replace=replace,
+        smoothing=smoothing,
+        receptive_field=0,
+        entropy_weight=entropy_weight,
+        estimator=estimator,
+        multilabel=multilabel,
+    )

@@ -189,3 +189,31 @@ class DPS(NeedleworkModel):
             entropy = -(probs * torch.log(probs + 1e-6)).sum(-1).mean()
             out["aux_loss"]["entropy"] = -self.entropy_weight * entropy
         return out
+
+
+# Registered paper-scale preset for Megapixel MNIST (1500² canvas, 50-px patches); keyword arguments
+# override any preset value, e.g. create_model("ips.megapixel_mnist", n_keep=50).
+DPS_MEGAPIXEL_MNIST: dict[str, Any] = dict(
+    num_classes=10,
+    grid=30,
+    patch_size=50,
+    k=10,
+    sigma=0.05,
+    n_samples=500,
+    sigma_schedule="cosine",
+    sigma_end=1e-5,
+    total_steps=150 * 313,  # 150 epochs of 5,000 images in batches of 16 (benbergner/dps schedule)
+    low_scale=0.12,
+    scorer_channels=(8, 16, 32),
+    dim=128,
+    encoder={"preset": "resnet18_layer2"},
+    aggregation="transformer",
+    n_layers=1,
+    n_heads=8,
+)  # [design]: the 30×30 grid of IPS's 50-px patches, DPS defaults of METHODS.md §4.5 / §5.3
+
+
+@register_model("dps.megapixel_mnist")
+def dps_megapixel_mnist(**overrides: Any) -> DPS:
+    """DPS on the 30×30 grid of 50-px cells of a 1500² Megapixel MNIST image (K = 10, S = 500)."""
+    return DPS(**(DPS_MEGAPIXEL_MNIST | overrides))

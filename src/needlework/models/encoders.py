@@ -174,7 +174,7 @@ def _resnet_encoder(name: str, seed: int, weights: str | None, **resnet_kw) -> T
     net = _seeded(seed, lambda: ResNet(**resnet_kw))
     enc = TileEncoder(net, net.out_dim, name)
     if weights is not None:
-        from needlework.models.encoder_loading import load_weights_into
+        from needlework.io.checkpoints import load_weights_into
 
         load_weights_into(enc.backbone, weights)
         enc.version = f"weights:{weights}"

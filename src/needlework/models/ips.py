@@ -227,3 +227,27 @@ class IPS(NeedleworkModel):
             parts[name] = value
             total = total + value
         return total, parts
+
+
+# Registered paper-scale preset for Megapixel MNIST (1500² canvas, 50-px patches); keyword arguments
+# override any preset value, e.g. create_model("ips.megapixel_mnist", n_keep=50).
+IPS_MEGAPIXEL_MNIST: dict[str, Any] = dict(
+    num_classes=10,
+    tasks=["majority", "max", "top", "multilabel"],
+    patch_size=50,
+    n_keep=100,
+    chunk_size=100,
+    dim=128,
+    encoder={"preset": "resnet18_layer2"},
+    n_heads=8,
+    d_k=16,
+    d_inner=512,
+    dropout=0.1,
+    pos_encoding="1d",
+)  # METHODS.md §6.2 [ref-code]
+
+
+@register_model("ips.megapixel_mnist")
+def ips_megapixel_mnist(**overrides: Any) -> IPS:
+    """IPS with the reference Megapixel MNIST settings (4 tasks, M = I = 100, ResNet-18 to layer2)."""
+    return IPS(**(IPS_MEGAPIXEL_MNIST | overrides))

@@ -10,38 +10,34 @@ Python API (the ``needlework slides`` command wraps it):
 * :func:`make_synthetic_cohort` — pyramidal BigTIFFs with planted lesions for tests and demos.
 """
 
-from needlework.slides.embed import embed_tiles
-from needlework.slides.embed_job import EmbedJobConfig, run_embedding
-from needlework.slides.heatmap import export_heatmap, scores_from_model
-from needlework.slides.jobs import SlideJobError, TileJobConfig, run_tiling
-from needlework.slides.mpp import MissingMPPError, load_mpp_overrides, resolve_mpp
-from needlework.slides.reader import ArrayReader, SlideOpenError, SlideReader, list_slides, open_slide
-from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_cohort, make_synthetic_slide
-from needlework.slides.tiling import TilingConfig, tile_slide
-from needlework.slides.tissue import TissueParams, segment_tissue
+from needlework._lazy import lazy_module_getattr
 
-__all__ = [
-    "ArrayReader",
-    "EmbedJobConfig",
-    "MissingMPPError",
-    "SlideJobError",
-    "SlideOpenError",
-    "SlideReader",
-    "SyntheticSlideSpec",
-    "TileJobConfig",
-    "TilingConfig",
-    "TissueParams",
-    "embed_tiles",
-    "export_heatmap",
-    "list_slides",
-    "load_mpp_overrides",
-    "make_synthetic_cohort",
-    "make_synthetic_slide",
-    "open_slide",
-    "resolve_mpp",
-    "run_embedding",
-    "run_tiling",
-    "scores_from_model",
-    "segment_tissue",
-    "tile_slide",
-]
+# resolved on first use: tiling must not import torch (the embedding job does)
+_EXPORTS = {
+    "ArrayReader": "needlework.slides.reader",
+    "EmbedJobConfig": "needlework.slides.embed_job",
+    "MissingMPPError": "needlework.slides.mpp",
+    "SlideJobError": "needlework.slides.jobs",
+    "SlideOpenError": "needlework.slides.reader",
+    "SlideReader": "needlework.slides.reader",
+    "SyntheticSlideSpec": "needlework.slides.synthetic",
+    "TileJobConfig": "needlework.slides.jobs",
+    "TilingConfig": "needlework.slides.tiling",
+    "TissueParams": "needlework.slides.tissue",
+    "embed_tiles": "needlework.slides.embed",
+    "export_heatmap": "needlework.slides.heatmap_export",
+    "list_slides": "needlework.slides.reader",
+    "load_mpp_overrides": "needlework.slides.mpp",
+    "make_synthetic_cohort": "needlework.slides.synthetic",
+    "make_synthetic_slide": "needlework.slides.synthetic",
+    "open_slide": "needlework.slides.reader",
+    "resolve_mpp": "needlework.slides.mpp",
+    "run_embedding": "needlework.slides.embed_job",
+    "run_tiling": "needlework.slides.jobs",
+    "scores_from_model": "needlework.slides.heatmap_export",
+    "segment_tissue": "needlework.slides.tissue",
+    "tile_slide": "needlework.slides.tiling",
+}
+__getattr__, __dir__ = lazy_module_getattr(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from needlework.slides.geojson import read_polygons
+from needlework.io.geojson import read_polygons
 from needlework.slides.reader import SlideReader, open_slide
 from needlework.slides.status import save_png_atomic
 

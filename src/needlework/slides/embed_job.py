@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from needlework.slides.h5io import read_coords, validate_features_h5, validate_patches_h5, write_features_h5
+from needlework.io.h5 import read_coords, validate_features_h5, validate_patches_h5, write_features_h5
 from needlework.slides.jobs import (
     SlideTask,
     _failed,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from needlework.slides.h5io import (
+from needlework.io.h5 import (
     read_coords,
     validate_patches_h5,
     write_patches_h5,
@@ -184,7 +184,7 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
                 tdir / "visualization" / f"{task.slide_id}.png",
                 qc_image(vis, _resize_mask(res.mask, vis.shape[:2]), boxes, vis_ds),
             )
-            from needlework.slides.geojson import write_geojson
+            from needlework.io.geojson import write_geojson
 
             write_geojson(
                 tdir / "contours_geojson" / f"{task.slide_id}.geojson",

@@ -27,7 +27,7 @@ def config_hash(config: Any) -> str:
 
 
 def library_version() -> str:
-    from needlework import __version__
+    from needlework._version import __version__
 
     return __version__
 

@@ -12,11 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import needlework
-
 
 def _package_root() -> str:
-    return str(Path(needlework.__file__).resolve().parents[1])
+    return str(Path(__file__).resolve().parents[2])  # src/ (or site-packages/)
 
 
 def local_runtime_env() -> dict[str, Any]:
@@ -42,7 +40,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_code:
             num_cpus=num_cpus, include_dashboard=False, runtime_env=local_runtime_env(), log_to_driver=False
         )
     else:
-        env = {"py_modules": [str(Path(needlework.__file__).resolve().parent)]} if ship_code else None
+        env = {"py_modules": [str(Path(__file__).resolve().parents[1])]} if ship_code else None
         ray.init(address=address, runtime_env=env, log_to_driver=False)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-from needlework.slides.geojson import feature_collection, polygon_feature, write_geojson
+from needlework.io.geojson import feature_collection, polygon_feature, write_geojson
 
 LESION_CLASS = "Tumor"
 _TINT = np.array([0.92, 0.68, 0.85])  # pink (eosin-like) tint so that tissue is clearly saturated

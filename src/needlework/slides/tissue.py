@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from needlework.slides.geojson import feature_collection, polygon_feature, read_polygons
+from needlework.io.geojson import feature_collection, polygon_feature, read_polygons
 
 
 @dataclass

@@ -5,15 +5,10 @@ the correct outer-product Jacobian ``E[Y Zᵀ]/σ`` computed from the sampled in
 (METHODS.md §4); :class:`PerturbedTopK` is the module form with σ schedules.
 """
 
+from needlework.ops.grids import cell_coords, grid_coords
+from needlework.ops.patches import extract_patches
+from needlework.topk.indicator_patches import hard_patches, soft_patches, support_indices
 from needlework.topk.module import SCHEDULES, PerturbedTopK, scheduled_sigma
-from needlework.topk.patches import (
-    cell_coords,
-    extract_patches,
-    grid_coords,
-    hard_patches,
-    soft_patches,
-    support_indices,
-)
 from needlework.topk.perturbed import (
     JACOBIANS,
     hard_topk,

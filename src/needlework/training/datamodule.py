@@ -7,8 +7,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from needlework.data.batching import get_collate
-from needlework.registry import create_dataset
+import needlework.data  # noqa: F401  (registers the built-in datasets and collates)
+from needlework.registry import create_dataset, get_collate
 
 
 class DatasetDataModule(L.LightningDataModule):

@@ -31,17 +31,17 @@ def environment_info() -> dict[str, Any]:
     """Versions and commit that produced a result."""
     import lightning
 
-    import needlework
+    from needlework._version import __version__
 
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(needlework.__file__).parent,
+            cwd=Path(__file__).resolve().parent,
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "needlework": needlework.__version__,
+        "needlework": __version__,
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "python": platform.python_version(),

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
+import needlework.models  # noqa: F401  (registers the built-in models)
 from needlework.models.base import NeedleworkModel, route_batch
 from needlework.registry import create_model
 from needlework.training.metrics import classification_metrics

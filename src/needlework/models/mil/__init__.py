@@ -6,7 +6,7 @@ from needlework.models.mil import (  # noqa: F401  (registration)
     clam,
     dsmil,
     pixel_bags,
-    pooling,
+    pooling_mil,
     sparseconvmil,
     transmil,
     zoommil,
@@ -16,7 +16,7 @@ from needlework.models.mil.clam import CLAMSB
 from needlework.models.mil.common import MILModel, check_bag, list_mil_models, masked_softmax
 from needlework.models.mil.dsmil import DSMIL
 from needlework.models.mil.pixel_bags import LeNetEncoder, PixelBagMIL
-from needlework.models.mil.pooling import EmbeddingPoolingMIL, InstancePoolingMIL
+from needlework.models.mil.pooling_mil import EmbeddingPoolingMIL, InstancePoolingMIL
 from needlework.models.mil.sparseconvmil import SparseConvMIL
 from needlework.models.mil.transmil import TransMIL
 from needlework.models.mil.zoommil import ZoomMIL

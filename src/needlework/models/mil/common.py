@@ -42,9 +42,10 @@ def register_mil_model(name: str) -> Callable[[Any], Any]:
 
 
 def list_mil_models() -> list[str]:
-    """Names of every registered MIL model taking feature bags ``(B, N, D)``."""
-    import needlework.models  # noqa: F401  (registers the zoo)
+    """Names of every registered MIL model taking feature bags ``(B, N, D)``.
 
+    Complete once ``needlework.models`` is imported, which importing this module already did (Python
+    imports a package's ``__init__`` before its submodules)."""
     return sorted(_MIL_MODELS)
 
 

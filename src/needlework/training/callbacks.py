@@ -4,12 +4,12 @@ Usable from a config (``trainer.callbacks``)::
 
     trainer:
       callbacks:
-        - class_path: needlework.ats.callback.AttentionPlotCallback
+        - class_path: needlework.training.callbacks.AttentionPlotCallback
           init_args: {max_items: 4, every_n_epochs: 5}
 
 After validation (every ``every_n_epochs`` epochs) and after testing, it runs the model in eval mode on
 the first ``max_items`` items of the first batch and writes ``<log_dir>/attention/epoch<E>_<i>.png`` (or
-``test_<i>.png``) with :func:`needlework.ats.plot.plot_batch`. Models whose output has no
+``test_<i>.png``) with :func:`needlework.viz.attention.plot_batch`. Models whose output has no
 ``attention_map`` are skipped silently.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from needlework.ats.plot import plot_batch
+from needlework.viz.attention import plot_batch
 
 __all__ = ["AttentionPlotCallback"]
 

@@ -11,40 +11,10 @@ import h5py
 import numpy as np
 import torch
 
-from needlework.slides.h5io import patch_size_level0_of, read_features
-from needlework.slides.heatmap import export_heatmap, scores_from_model
+from needlework.io.h5 import patch_size_level0_of, read_features
+from needlework.models.checkpoint import load_model
+from needlework.slides.heatmap_export import export_heatmap, scores_from_model
 from needlework.slides.reader import list_slides, slide_id_of
-
-
-def load_model(
-    checkpoint: str | Path, model: str | None = None, model_kwargs: dict | None = None
-) -> torch.nn.Module:
-    """A registered model with weights from a state dict or a Lightning checkpoint.
-
-    For a Lightning checkpoint of ``ClassificationTask`` the model name and kwargs default to the
-    checkpoint's ``hyper_parameters`` (``model``, ``model_kwargs``) and ``model.`` prefixes are stripped.
-    """
-    from needlework.models.encoder_loading import load_state_dict_file
-    from needlework.registry import create_model
-
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    hparams = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
-    name = model or hparams.get("model")
-    kwargs = model_kwargs if model_kwargs is not None else dict(hparams.get("model_kwargs") or {})
-    if "num_classes" in hparams and "num_classes" not in kwargs:
-        kwargs["num_classes"] = hparams["num_classes"]
-    if not name:
-        raise ValueError(
-            f"{checkpoint}: no model name in the checkpoint; pass --model NAME (and --model-kwargs)"
-        )
-    net = create_model(name, **kwargs)
-    state = load_state_dict_file(checkpoint)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing:
-        raise KeyError(
-            f"{checkpoint} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return net.eval()
 
 
 def read_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

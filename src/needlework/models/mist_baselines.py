@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from needlework.mist.model import PatchTaskModel
-from needlework.mist.networks import HeatmapNet, soft_argmax
+from needlework.models.mist import PatchTaskModel
+from needlework.models.mist_networks import HeatmapNet, soft_argmax
 from needlework.registry import register_model
 
 
@@ -29,7 +29,7 @@ from needlework.registry import register_model
 class ChannelwiseMIST(PatchTaskModel):
     """Channel-wise heatmap baseline: one heatmap channel per instance, soft-argmax locations.
 
-    Args (besides :class:`~needlework.mist.model.PatchTaskModel`'s):
+    Args (besides :class:`~needlework.models.mist.PatchTaskModel`'s):
         heatmap_width, heatmap_blocks: residual trunk of the heatmap network.
         temperature: spatial-softmax temperature of the soft-argmax.
     """
@@ -82,7 +82,7 @@ class ChannelwiseMIST(PatchTaskModel):
 class GridMIST(PatchTaskModel):
     """Fixed-grid baseline: K = g² patches centred on the cells of a g×g grid.
 
-    Args (besides :class:`~needlework.mist.model.PatchTaskModel`'s): ``cell_boxes`` — box side = cell
+    Args (besides :class:`~needlework.models.mist.PatchTaskModel`'s): ``cell_boxes`` — box side = cell
     size (True) or ``anchor`` (False, default).
     """
 

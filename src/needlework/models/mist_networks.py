@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from needlework.checks import check_shape
-from needlework.mist.heatmap import local_spatial_softmax
+from needlework.mist.keypoints import local_spatial_softmax
 
 
 class UnpaddedResidualBlock(nn.Module):
@@ -76,7 +76,7 @@ class MultiScaleHeatmap(nn.Module):
         softmax_window: odd window of the local spatial softmax (None or 0 disables it: sigmoid instead).
         beta: inverse temperature of the local softmax.
         softmax_padding: border handling of the local softmax, ``"reflect"`` or ``"zeros"`` (see
-            :func:`~needlework.mist.heatmap.local_spatial_softmax`).
+            :func:`~needlework.mist.keypoints.local_spatial_softmax`).
 
     Shapes: ``(B, C, H, W)`` → ``(B, S, H, W)`` in [0, 1].
     """

@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
         "args": vars(args),
         "environment": environment_info(),
     }
-    from needlework.plotting import saliency_grid
+    from needlework.viz.saliency import saliency_grid
 
     titles = [f"label {int(y)}  P(3)={float(p):.2f}" for y, p in zip(fig["label"], fig["probs"])]
     saliency_grid(fig["image"], fig["saliency"], fig["boxes"], fig["points"], titles, out / "saliency.png")

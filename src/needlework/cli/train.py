@@ -1,5 +1,7 @@
 """``needlework fit|validate|test|predict --config FILE.yaml`` on LightningCLI.
 
+``--config`` also takes the name of a packaged config (``needle_mnist/dense``; ``needlework list configs``).
+
 Every option of the task, the data module and the trainer can be set in the YAML or overridden on the
 command line (``--model.lr 3e-4``, ``--trainer.max_epochs 5``, ``--data.batch_size 8``). Each run writes
 a folder ``<runs_dir>/<run_name>/<version>/`` holding the resolved ``config.yaml``, ``versions.json``,
@@ -18,6 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from needlework.configs import resolve_config
 from needlework.training.datamodule import DatasetDataModule
 from needlework.training.run_info import RunInfo
 from needlework.training.task import ClassificationTask
@@ -66,10 +69,39 @@ class NeedleworkCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace each ``--config NAME`` (or ``--config=NAME``) that is not a file by the packaged config."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [arg, _config_path(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + _config_path(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _config_path(name: str) -> str:
+    if name.lstrip().startswith(("{", "[")) or ":" in name.split("/")[0]:
+        return name  # inline YAML/JSON, or a URL-like spec: jsonargparse handles it
+    try:
+        return str(resolve_config(name))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def main(argv: list[str]) -> int:
     # From the console script argv *is* sys.argv[1:]; LightningCLI then reads sys.argv itself (handing it
     # the same list again only makes it warn about receiving both). From Python, argv is passed through.
-    args = None if argv == sys.argv[1:] else argv
+    from_console = argv == sys.argv[1:]
+    argv = resolve_config_args(argv)
+    if from_console:
+        sys.argv[1:] = argv
+    args = None if from_console else argv
     NeedleworkCLI(
         ClassificationTask,
         DatasetDataModule,

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from needlework.metrics.detection import DetectionMetrics, reconstruction_rmse
-from needlework.mist.visualize import draw_detections
 from needlework.training.task import ClassificationTask
+from needlework.viz.mist import draw_detections
 
 STEPS = ("keypoints", "task", "detector")
 

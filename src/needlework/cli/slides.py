@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "doctor":
-        from needlework.slides.doctor import main as doctor_main
+        from needlework.cli.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
     parser = _parser()
@@ -276,7 +276,7 @@ def _splits(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    from needlework.slides.heatmap_cli import run_heatmaps
+    from needlework.cli.heatmap import run_heatmaps
 
     return run_heatmaps(args)
 

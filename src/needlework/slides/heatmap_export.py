@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from needlework.slides.geojson import tiles_to_geojson, write_geojson
-from needlework.slides.h5io import atomic_h5
+from needlework.io.geojson import tiles_to_geojson, write_geojson
+from needlework.io.h5 import atomic_h5
 from needlework.slides.reader import SlideReader, open_slide
 from needlework.slides.status import save_png_atomic
 

@@ -12,15 +12,15 @@ import sys
 
 # name -> (module, one-line help). Training verbs go to LightningCLI.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("needlework.training.cli", "train a model from a YAML config (LightningCLI)"),
-    "validate": ("needlework.training.cli", "evaluate a checkpoint on the validation split"),
-    "test": ("needlework.training.cli", "evaluate a checkpoint on the test split"),
-    "predict": ("needlework.training.cli", "run a checkpoint on the predict split"),
-    "demo": ("needlework.demo", "train the dense baseline on needle-MNIST and write a report"),
-    "list": ("needlework.listing", "list registered models, datasets and encoders"),
-    "summarize": ("needlework.training.summary", "mean ± std of the metrics of repeated runs"),
-    "slides": ("needlework.slides.cli", "whole-slide images: synth, tile, embed, splits, heatmap, crops"),
-    "doctor": ("needlework.slides.doctor", "check the installation, slide readers, slides' MPP and disk"),
+    "fit": ("needlework.cli.train", "train a model from a YAML config (LightningCLI)"),
+    "validate": ("needlework.cli.train", "evaluate a checkpoint on the validation split"),
+    "test": ("needlework.cli.train", "evaluate a checkpoint on the test split"),
+    "predict": ("needlework.cli.train", "run a checkpoint on the predict split"),
+    "demo": ("needlework.cli.demo", "train the dense baseline on needle-MNIST and write a report"),
+    "list": ("needlework.cli.listing", "list registered models, datasets and encoders"),
+    "summarize": ("needlework.cli.summarize", "mean ± std of the metrics of repeated runs"),
+    "slides": ("needlework.cli.slides", "whole-slide images: synth, tile, embed, splits, heatmap, crops"),
+    "doctor": ("needlework.cli.doctor", "check the installation, slide readers, slides' MPP and disk"),
 }
 
 LIGHTNING_VERBS = {"fit", "validate", "test", "predict"}
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-        from needlework import __version__
+        from needlework._version import __version__
 
         print(f"needlework {__version__}")
         return 0

@@ -2,7 +2,7 @@
 
 Forward: heatmap network (per-scale local softmax) → E_K (pool scales, NMS, top-K, scale moments) →
 bilinear sampler S cuts one patch per keypoint → task network per patch. The detector is trained by
-lifting (:class:`needlework.mist.training.MISTTask`), never through the top-K.
+lifting (:class:`needlework.training.mist.MISTTask`), never through the top-K.
 
 Output dict of ``forward(image)``: ``logits (B, C)`` (log of the predicted class histogram, classification),
 ``instance_logits (B, K, C)``, ``boxes (B, K, 4)`` xyxy, ``scores (B, K)``, ``centres (B, K, 2)``,
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from needlework.checks import check_shape
-from needlework.mist.heatmap import extract_keypoints
 from needlework.mist.ideal import ideal_heatmap
+from needlework.mist.keypoints import extract_keypoints
 from needlework.mist.losses import histogram_kl_loss, histogram_loss, reconstruction_loss
-from needlework.mist.networks import HeatmapNet, MultiScaleHeatmap, PatchAutoencoder, PatchClassifier
 from needlework.mist.sampler import boxes_xyxy, paste_patches, sample_patches
 from needlework.models.base import NeedleworkModel
+from needlework.models.mist_networks import HeatmapNet, MultiScaleHeatmap, PatchAutoencoder, PatchClassifier
 from needlework.registry import register_model
 
 TASKS = ("classification", "reconstruction")
