@@ -39,7 +39,10 @@ def resolve_config(name: str | Path) -> Path:
     for candidate in (CONFIG_DIR / rel, CONFIG_DIR / f"{rel}.yaml"):
         if candidate.is_file():
             return candidate
-    stem = Path(rel).stem
-    close = [n for n in list_configs() if stem in n][:6]
-    hint = f" Packaged configs with that name: {close}." if close else " See `needlework list configs`."
+    import difflib
+
+    names = list_configs()
+    stem = Path(rel).with_suffix("").as_posix()
+    close = [n for n in names if Path(stem).name == Path(n).name] or difflib.get_close_matches(stem, names, 4)
+    hint = f" Did you mean {close}?" if close else " See `needlework list configs`."
     raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a packaged config.{hint}")

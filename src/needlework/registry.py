@@ -13,7 +13,8 @@ of a name that is not registered::
     my_model = "my_package.models:MyModel"     # a factory: registered under the entry point's name
     my_family = "my_package.models"            # a module: importing it runs its @register_model lines
 
-Groups: ``needlework.models``, ``needlework.encoders``, ``needlework.datasets``, ``needlework.collates``.
+Groups: ``needlework.models``, ``needlework.encoders``, ``needlework.datasets``, ``needlework.collates``,
+``needlework.transforms``.
 
 Example:
     >>> import needlework
@@ -99,11 +100,13 @@ MODELS = Registry("model")
 ENCODERS = Registry("encoder")
 DATASETS = Registry("dataset")
 COLLATES = Registry("collate")
+TRANSFORMS = Registry("transform")
 
 register_model = MODELS.register
 register_encoder = ENCODERS.register
 register_dataset = DATASETS.register
 register_collate = COLLATES.register
+register_transform = TRANSFORMS.register
 
 
 def create_model(name: str, **kwargs: Any) -> Any:
@@ -142,3 +145,14 @@ def get_collate(name: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return COLLATES.get(name)
     except KeyError:
         raise ValueError(f"unknown collate {name!r}; choose one of {COLLATES.names()}") from None
+
+
+def create_transform(spec: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A sample transform from ``{"name": <registered name>, **kwargs}`` (e.g. ``{"name": "views"}``)."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(
+            "a transform is a mapping with a 'name' and its arguments, e.g. {'name': 'views', 'factor': 8}; "
+            f"got {spec!r} (registered: {TRANSFORMS.names()})"
+        )
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return TRANSFORMS.create(spec["name"], **kwargs)

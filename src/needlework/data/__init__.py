@@ -6,6 +6,7 @@ from needlework.data import (  # noqa: F401  (each import registers its datasets
     collate,
     level_collate,
     multimag_bags,
+    views,
 )
 from needlework.data.collate import pad_bags
 from needlework.data.gabor import GaborTextures
@@ -16,6 +17,7 @@ from needlework.data.mnist_hard import MultiMNIST, MultiMNISTEasy
 from needlework.data.needle_mnist import NeedleMNIST
 from needlework.data.planted_bags import PlantedBags
 from needlework.data.poisson import poisson_disk
+from needlework.data.views import MultiResolutionViews, area_downsample
 
 __all__ = [
     "DataSourceError",
@@ -30,4 +32,4 @@ __all__ = [
     "pad_bags",
     "poisson_disk",
 ]
-__all__ += ["MNISTBags", "PlantedBags"]
+__all__ += ["MNISTBags", "MultiResolutionViews", "PlantedBags", "area_downsample"]

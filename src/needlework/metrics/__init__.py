@@ -7,9 +7,15 @@ from needlework.metrics.detection import (
     match_detections,
     reconstruction_rmse,
 )
-from needlework.metrics.localisation import localisation_ap, localisation_hits, point_in_boxes
+from needlework.metrics.localisation import (
+    attention_peaks,
+    localisation_ap,
+    localisation_hits,
+    point_in_boxes,
+)
 
 __all__ = [
+    "attention_peaks",
     "DetectionMetrics",
     "average_precision",
     "box_iou",

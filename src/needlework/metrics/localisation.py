@@ -50,3 +50,32 @@ def localisation_ap(scores: torch.Tensor, points: torch.Tensor, boxes: Sequence[
     tp = hits.cumsum(0)
     precision = tp / torch.arange(1, len(hits) + 1, dtype=torch.float32)
     return float((precision * hits).sum() / n_objects)
+
+
+def attention_peaks(
+    out: dict[str, torch.Tensor], image_hw: tuple[int, int], patch_size: int | None = None
+) -> torch.Tensor:
+    """Where a model points: ``(B, 2)`` ``(x, y)`` image pixels of its attention maximum.
+
+    * ``attention_map (B, gh, gw)`` (ATS, patch-grid MIL, attention MIL): the centre of the top cell, the
+      map's cells tiling the image;
+    * ``selected_coords (B, k, 2)`` patch corners with ``attention (B, N)`` and ``selected_idx (B, k)``
+      (IPS, DPS): the centre (``patch_size``) of the selected patch with the highest attention.
+
+    Raises ``KeyError`` for outputs with neither (dense models: use :mod:`needlework.saliency`).
+    """
+    h, w = image_hw
+    if "attention_map" in out:
+        amap = out["attention_map"].detach()
+        b, gh, gw = amap.shape[0], amap.shape[-2], amap.shape[-1]
+        flat = amap.reshape(b, -1).argmax(-1)
+        rows, cols = flat // gw, flat % gw
+        return torch.stack([(cols.float() + 0.5) * w / gw, (rows.float() + 0.5) * h / gh], -1)
+    if "selected_coords" in out and "selected_idx" in out and "attention" in out:
+        if patch_size is None:
+            raise ValueError("attention_peaks needs patch_size for outputs with selected_coords")
+        att = out["attention"].detach().gather(1, out["selected_idx"])  # (B, k)
+        best = att.argmax(-1)
+        corner = out["selected_coords"][torch.arange(len(best)), best].float()
+        return corner + patch_size / 2
+    raise KeyError(f"no attention_map or selected patches in the model output (keys: {sorted(out)})")

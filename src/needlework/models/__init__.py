@@ -4,7 +4,7 @@ One contract for every model (``models/base.py``): ``forward(**batch)`` returns 
 where the method has one, ``attention``. Families, one file each: ``bagnet`` (the dense testbed CNN),
 ``ats`` (attention sampling), ``dps`` and ``ips`` (differentiable / iterative top-K patch selection),
 ``dense_cnn`` and ``attention_mil`` (the Megapixel-MNIST baselines), ``mist`` (MIST and its baselines),
-``encoders`` (tile encoders), ``mil/`` (the MIL zoo).
+``patch_mil`` (MIL over every grid patch), ``encoders`` (tile encoders), ``mil/`` (the MIL zoo).
 """
 
 from needlework.models import (  # noqa: F401  (each import registers its models)
@@ -18,6 +18,7 @@ from needlework.models import (  # noqa: F401  (each import registers its models
     mil,
     mist,
     mist_baselines,
+    patch_mil,
 )
 from needlework.models.ats import ATSClassifier, AttentionSampling
 from needlework.models.ats_multilevel import MultiResolutionAttentionSampling
@@ -29,6 +30,7 @@ from needlework.models.dps import DPS
 from needlework.models.ips import IPS
 from needlework.models.mist import MIST, PatchTaskModel
 from needlework.models.mist_baselines import ChannelwiseMIST, GridMIST
+from needlework.models.patch_mil import PatchGridMIL
 from needlework.models.pooling import AttentionPool, create_pooling, flatten_map
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "GridMIST",
     "MultiResolutionAttentionSampling",
     "NeedleworkModel",
+    "PatchGridMIL",
     "PatchTaskModel",
     "create_pooling",
     "flatten_map",

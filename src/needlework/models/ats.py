@@ -25,11 +25,12 @@ from needlework.ats import (
     sample,
 )
 from needlework.checks import check_same
-from needlework.models.ats_networks import MegapixelMNISTAttention, MegapixelMNISTFeatures
+from needlework.models.ats_networks import CellAttention, MegapixelMNISTAttention, MegapixelMNISTFeatures
 from needlework.models.base import NeedleworkModel
+from needlework.models.patch_cnn import build_patch_encoder
 from needlework.registry import register_model
 
-__all__ = ["ATSClassifier", "AttentionSampling", "ats_megapixel_mnist"]
+__all__ = ["ATSClassifier", "AttentionSampling", "ats_cnn", "ats_megapixel_mnist"]
 
 
 class AttentionSampling(nn.Module):
@@ -45,6 +46,8 @@ class AttentionSampling(nn.Module):
         receptive_field: low-resolution border lost by the attention net's valid convolutions (0 for
             ``same`` padding), see :func:`~needlework.ats.cells_to_offsets`.
         estimator: ``"unbiased"`` or ``"reference_tf"`` (see :func:`~needlework.ats.expectation`).
+        clamp: without replacement, sample every cell once when the map has fewer than ``n_patches``
+            cells (small images) instead of raising.
 
     Forward returns a dict: ``features (B, D)``, ``attention (B, N)``, ``attention_map (B, *s_att)``,
     ``idx (B, n)`` sampled cells in sampling order, ``offsets (B, n, d)`` patch corners ``(x, y)`` in
@@ -61,8 +64,10 @@ class AttentionSampling(nn.Module):
         smoothing: float = 1e-5,
         receptive_field: float | Sequence[float] = 0,
         estimator: str = "unbiased",
+        clamp: bool = False,
     ) -> None:
         super().__init__()
+        self.clamp = bool(clamp)
         if n_patches < 1:
             raise ValueError(f"n_patches must be >= 1, got {n_patches}")
         self.attention_net = attention_net
@@ -102,10 +107,12 @@ class AttentionSampling(nn.Module):
         attention = attention_from_logits(logits, self.smoothing)
         n = self.n_patches
         if not self.replace and n > attention.shape[1]:
-            raise ValueError(
-                f"n_patches={n} exceeds the {attention.shape[1]} attention cells; use replace=True or a "
-                "larger attention map"
-            )
+            if not self.clamp:
+                raise ValueError(
+                    f"n_patches={n} exceeds the {attention.shape[1]} attention cells; use replace=True, "
+                    "clamp=True or a larger attention map"
+                )
+            n = attention.shape[1]  # every cell once: the exact expectation
         idx, probs = sample(attention, n, self.replace)
         offsets = cells_to_offsets(
             idx, map_shape, x_low.shape[2:], x_high.shape[2:], self.patch_size, self.receptive_field
@@ -130,8 +137,8 @@ class ATSClassifier(NeedleworkModel):
     """Attention sampling followed by a classifier on the expected features.
 
     Args:
-        attention_net, feature_net, n_patches, patch_size, replace, smoothing, receptive_field, estimator:
-            as :class:`AttentionSampling`.
+        attention_net, feature_net, n_patches, patch_size, replace, smoothing, receptive_field, estimator,
+        clamp: as :class:`AttentionSampling`.
         feature_dim: ``D``, output width of ``feature_net``.
         num_classes: ``C``.
         entropy_weight: ``λ ≥ 0``; adds ``−λ · mean H(a)`` as ``aux_loss["entropy"]`` (spreads attention).
@@ -158,12 +165,14 @@ class ATSClassifier(NeedleworkModel):
         estimator: str = "unbiased",
         classifier: nn.Module | None = None,
         multilabel: bool = False,
+        clamp: bool = False,
     ) -> None:
         super().__init__()
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0 (it maximises entropy), got {entropy_weight}")
         self.sampler = AttentionSampling(
-            attention_net, feature_net, n_patches, patch_size, replace, smoothing, receptive_field, estimator
+            attention_net, feature_net, n_patches, patch_size, replace, smoothing, receptive_field, estimator,
+            clamp,
         )
         self.classifier = classifier if classifier is not None else nn.Linear(feature_dim, num_classes)
         self.entropy_weight = float(entropy_weight)
@@ -215,4 +224,38 @@ def ats_megapixel_mnist(
         entropy_weight=entropy_weight,
         estimator=estimator,
         multilabel=multilabel,
+    )
+
+
+@register_model("ats.cnn")
+def ats_cnn(
+    num_classes: int = 2,
+    in_channels: int = 1,
+    n_patches: int = 4,
+    patch_size: int = 64,
+    attention: dict[str, Any] | None = None,
+    dim: int = 64,
+    encoder: dict[str, Any] | None = None,
+    replace: bool = False,
+    smoothing: float = 1e-3,
+    entropy_weight: float = 1e-4,
+    estimator: str = "unbiased",
+) -> ATSClassifier:
+    """ATS for tiny objects at any image size: :class:`CellAttention` on ``x_low`` scores coarse cells,
+    a :class:`~needlework.models.patch_cnn.PatchCNN` embeds ``patch_size`` patches of ``x_high`` centred on
+    the sampled cells; fewer cells than ``n_patches`` (small images) means every cell once."""
+    features = build_patch_encoder(in_channels, dim, encoder)
+    return ATSClassifier(
+        attention_net=CellAttention(in_channels, **(attention or {})),
+        feature_net=features,
+        feature_dim=dim,
+        num_classes=num_classes,
+        n_patches=n_patches,
+        patch_size=patch_size,
+        replace=replace,
+        smoothing=smoothing,
+        receptive_field=0,
+        entropy_weight=entropy_weight,
+        estimator=estimator,
+        clamp=True,
     )

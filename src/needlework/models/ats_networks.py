@@ -1,5 +1,8 @@
 """The ATS paper's Megapixel MNIST networks (METHODS §2.5), shared by ATS, the dense CNN and attention MIL.
 
+:class:`CellAttention` is a deeper, configurable attention network for tiny objects: it looks at a
+neighbourhood of each cell (3×3 convolutions with max pools between them) and scores coarse cells.
+
 Attention: Conv 8@3×3 tanh, Conv 8@3×3 tanh, Conv 1@3×3, ``same`` padding (the last layer zero-initialised
 so training starts from uniform attention). Features: Conv 32@7×7, 3 × Conv 32@3×3, ReLU, valid padding,
 global max pool, L2-normalised.
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MegapixelMNISTAttention", "MegapixelMNISTFeatures"]
+__all__ = ["CellAttention", "MegapixelMNISTAttention", "MegapixelMNISTFeatures"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -60,3 +63,50 @@ class MegapixelMNISTFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.amax(self.body(x), dim=(-2, -1))
         return F.normalize(h, dim=-1) if self.normalise else h
+
+
+class CellAttention(nn.Module):
+    """Attention logits ``(B, 1, h / s, w / s)`` on coarse cells of ``x_low (B, C, h, w)``.
+
+    ``channels`` are 3×3 ``same`` convolutions with ReLU; after the layers listed in ``pool_after`` a 2×2
+    max pool halves the resolution; a zero-initialised 1×1 convolution (uniform attention at the start)
+    gives one logit per position, max-pooled by ``cell_pool``. The cell side in ``x_low`` pixels is
+    ``s = 2^len(pool_after) · cell_pool``.
+
+    Example:
+        >>> net = CellAttention(1, channels=(8, 16), pool_after=(0,), cell_pool=4)
+        >>> net(torch.zeros(2, 1, 64, 64)).shape, net.cell
+        (torch.Size([2, 1, 8, 8]), 8)
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: tuple[int, ...] | list[int] = (16, 16, 32, 32),
+        pool_after: tuple[int, ...] | list[int] = (1,),
+        cell_pool: int = 8,
+    ) -> None:
+        super().__init__()
+        if not channels or cell_pool < 1 or any(not 0 <= i < len(channels) for i in pool_after):
+            raise ValueError(
+                f"CellAttention needs channels, pool_after indices into them and cell_pool >= 1; got "
+                f"{channels}, {pool_after}, {cell_pool}"
+            )
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(channels):
+            layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.ReLU(inplace=True)]
+            if i in pool_after:
+                layers.append(nn.MaxPool2d(2))
+            prev = ch
+        last = nn.Conv2d(prev, 1, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+        self.cell_pool = int(cell_pool)
+        self.cell = 2 ** len(set(pool_after)) * self.cell_pool
+
+    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
+        out = self.net(x_low)
+        return F.max_pool2d(out, self.cell_pool) if self.cell_pool > 1 else out

@@ -42,9 +42,10 @@ class Scorer(nn.Module):
         self.net = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(grid)
 
-    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` → scores ``(B, gh·gw)`` (row-major cells)."""
-        return self.pool(self.net(x_low)).flatten(1)
+    def forward(self, x_low: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, C, h, w)`` → scores ``(B, gh·gw)`` (row-major cells of ``grid``, default the fixed one)."""
+        out = self.net(x_low)
+        return (F.adaptive_max_pool2d(out, grid) if grid is not None else self.pool(out)).flatten(1)
 
 
 @register_model("dps")
@@ -56,6 +57,9 @@ class DPS(NeedleworkModel):
         in_channels: image channels.
         multilabel: sigmoid/BCE loss over C labels instead of softmax/CE.
         grid: selection grid ``(gh, gw)`` (or one int): N = gh·gw candidate patches.
+        cell_size: instead of a fixed grid, cells of this many ``x_high`` pixels: the grid follows the
+            image, ``(H // cell_size, W // cell_size)``, so one model runs at any canvas (needs
+            ``pos_encoding="none"``).
         patch_size: side P of the high-resolution patch centred on each cell.
         k: number of selected patches K.
         sigma, n_samples, sigma_schedule, total_steps, sigma_end, jacobian: perturbed top-K settings
@@ -88,6 +92,7 @@ class DPS(NeedleworkModel):
         multilabel: bool = False,
         grid: int | tuple[int, int] = 10,
         patch_size: int = 50,
+        cell_size: int | None = None,
         k: int = 5,
         sigma: float = 0.05,
         n_samples: int = 100,
@@ -114,8 +119,11 @@ class DPS(NeedleworkModel):
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0 (it maximises entropy), got {entropy_weight}")
         self.grid = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+        self.cell_size = cell_size
+        if cell_size is not None and (cell_size < 1 or pos_encoding != "none"):
+            raise ValueError(f"cell_size ({cell_size}) must be >= 1 and needs pos_encoding='none'")
         n = self.grid[0] * self.grid[1]
-        if not 1 <= k <= n:
+        if cell_size is None and not 1 <= k <= n:
             raise ValueError(f"k must be in [1, N = {n}] for grid {self.grid}, got {k}")
         self.multilabel = multilabel
         self.num_classes, self.in_channels, self.patch_size, self.k = num_classes, in_channels, patch_size, k
@@ -163,8 +171,15 @@ class DPS(NeedleworkModel):
         if x_low is None:
             x_low = F.interpolate(x_high, scale_factor=self.low_scale, mode="area")
         check_shape(x_low, [str(sizes["B"]), str(self.in_channels), "h", "w"], "x_low")
-        candidates = cell_coords((sizes["H"], sizes["W"]), self.grid, self.patch_size, device=x_high.device)
-        scores = self.scorer(x_low)  # (B, N)
+        cell = self.cell_size
+        grid = self.grid if cell is None else (sizes["H"] // cell, sizes["W"] // cell)
+        if self.cell_size is not None and grid[0] * grid[1] < self.k:
+            raise ValueError(
+                f"x_high of {sizes['H']}×{sizes['W']} px has {grid[0] * grid[1]} cells of {cell} px, "
+                f"fewer than k = {self.k}; use a larger image or a smaller cell_size"
+            )
+        candidates = cell_coords((sizes["H"], sizes["W"]), grid, self.patch_size, device=x_high.device)
+        scores = self.scorer(x_low, None if self.cell_size is None else grid)  # (B, N)
         indicators = self.topk(scores)  # soft in training, hard in eval
         idx = sorted_topk_indices(scores.detach(), self.k)
         if self.training:

@@ -8,7 +8,29 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 import needlework.data  # noqa: F401  (registers the built-in datasets and collates)
-from needlework.registry import create_dataset, get_collate
+from needlework.registry import create_dataset, create_transform, get_collate
+
+
+class TransformedDataset(Dataset):
+    """``dataset`` with sample transforms applied on access (in DataLoader workers); other attributes
+    (``labels``, ``o2i``, ...) pass through to the wrapped dataset."""
+
+    def __init__(self, dataset: Dataset, transforms: list[Any]) -> None:
+        self.dataset, self.transforms = dataset, list(transforms)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        for transform in self.transforms:
+            item = transform(item)
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "transforms"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class DatasetDataModule(L.LightningDataModule):
@@ -23,9 +45,13 @@ class DatasetDataModule(L.LightningDataModule):
         collate: ``"default"`` (stack what stacks) or ``"pad_bags"`` (bags padded with masks).
         train_schedule: a curriculum — stages ``{"epochs": n, **train overrides}`` run in order, the last
             one until training ends (e.g. ``[{"epochs": 20, "canvas": 64}, {"epochs": 10}]``: small
-            canvases first, at a quarter of the cost per image).
+            canvases first, at a quarter of the cost per image). A stage ``canvas`` larger than the
+            dataset's own ``canvas`` is capped at it, so one curriculum serves every target size.
         resample_each_epoch: draw a fresh training set every epoch (generated datasets: ``seed`` is
             derived from the epoch), so a long run never sees the same image twice.
+        transforms: sample transforms applied in order to every item of every split, each
+            ``{"name": <registered transform>, **kwargs}`` — e.g. ``[{"name": "views", "factor": 8}]``
+            adds ``x_high``/``x_low`` so ATS, DPS and IPS train on any image dataset.
 
     With ``train_schedule`` or ``resample_each_epoch`` the trainer must rebuild the training loader
     every epoch (``Trainer(reload_dataloaders_every_n_epochs=1)``).
@@ -45,6 +71,7 @@ class DatasetDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         train_schedule: list[dict[str, Any]] | None = None,
         resample_each_epoch: bool = False,
+        transforms: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -54,6 +81,7 @@ class DatasetDataModule(L.LightningDataModule):
                     f"train_schedule[{i}] must be a dict with a positive integer 'epochs', got {stage!r}"
                 )
         self.collate_fn = get_collate(collate)
+        self.transforms = [create_transform(spec) for spec in transforms or []]
         self._datasets: dict[str, Dataset] = {}
 
     def dataset(self, split: str) -> Dataset:
@@ -61,8 +89,11 @@ class DatasetDataModule(L.LightningDataModule):
         if split not in self._datasets:
             h = self.hparams
             kwargs = {**(h.dataset_kwargs or {}), **(h.get(f"{split}_kwargs") or {})}
-            self._datasets[split] = create_dataset(h.dataset, split=split, **kwargs)
+            self._datasets[split] = self._wrap(create_dataset(h.dataset, split=split, **kwargs))
         return self._datasets[split]
+
+    def _wrap(self, dataset: Dataset) -> Dataset:
+        return TransformedDataset(dataset, self.transforms) if self.transforms else dataset
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         h = self.hparams
@@ -88,10 +119,14 @@ class DatasetDataModule(L.LightningDataModule):
                 "set trainer.reload_dataloaders_every_n_epochs to 1"
             )
         epoch = trainer.current_epoch if trainer is not None else 0
-        kwargs = {**(h.dataset_kwargs or {}), **(h.train_kwargs or {}), **self.train_stage(epoch)}
+        base = {**(h.dataset_kwargs or {}), **(h.train_kwargs or {})}
+        stage = self.train_stage(epoch)
+        if isinstance(stage.get("canvas"), int) and isinstance(base.get("canvas"), int):
+            stage["canvas"] = min(stage["canvas"], base["canvas"])  # a curriculum never exceeds the target
+        kwargs = {**base, **stage}
         if h.resample_each_epoch:
             kwargs["seed"] = int(kwargs.get("seed", 0)) * 1_000_003 + epoch + 1
-        self._datasets["train"] = create_dataset(h.dataset, split="train", **kwargs)
+        self._datasets["train"] = self._wrap(create_dataset(h.dataset, split="train", **kwargs))
         return self._loader("train", shuffle=True)
 
     def train_stage(self, epoch: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class RunInfo(L.Callback):
         write_json(path, data)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
         folder = self._folder(trainer)
         if folder is not None:
             seed = os.environ.get("PL_GLOBAL_SEED")
@@ -84,6 +86,8 @@ class RunInfo(L.Callback):
         best = getattr(ckpt, "best_model_score", None)
         self._update_metrics(trainer, "fit", {
             "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "seconds": time.perf_counter() - getattr(self, "_fit_start", time.perf_counter()),
             "val_last": _scalars(trainer.callback_metrics, "val/"),
             "best_checkpoint": getattr(ckpt, "best_model_path", None),
             "best_score": float(best) if best is not None else None,
