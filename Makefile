@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # resolve to a multi-GB CUDA build of torch (see ENVIRONMENT.md).
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test lint venv clean bench docs
 
 $(BIN)/needlework: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ lint: venv
 test: venv lint
 	$(BIN)/python -m pytest -q
 
+# API reference and architecture pages (mkdocs + mkdocstrings) into site/
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: venv
 	$(BIN)/python benchmarks/ats_vs_dense.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build site *.egg-info src/*.egg-info

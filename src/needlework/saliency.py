@@ -4,10 +4,14 @@
 arg-max of the saliency map and its value the detection confidence.
 
 Example:
-    >>> model = create_model("bagnet.rf9", width=0.25, blocks=(1, 1, 1, 1)).eval()   # doctest: +SKIP
-    >>> sal = saliency_map(model, torch.rand(2, 1, 64, 64))                         # doctest: +SKIP
-    >>> saliency_peaks(sal)[0].shape                                                 # doctest: +SKIP
-    torch.Size([2, 2])
+    >>> from needlework import create_model
+    >>> model = create_model("bagnet.rf9", width=0.25, blocks=(1, 1, 1, 1)).eval()
+    >>> sal = saliency_map(model, torch.rand(2, 1, 64, 64))
+    >>> sal.shape
+    torch.Size([2, 64, 64])
+    >>> locations, confidences = saliency_peaks(sal)
+    >>> locations.shape, confidences.shape
+    (torch.Size([2, 2]), torch.Size([2]))
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Items (dicts): ``x_high`` ``(1, H, W)`` and ``x_low`` ``(1, h, w)`` float32 in [
 digits come only from the split's digit pool (:func:`~needlework.data.mnist.digit_pool`).
 
 Example:
-    >>> ds = MegapixelMNIST("train", size=4, preset="ci")  # doctest: +SKIP
-    >>> item = ds[0]; item["x_high"].shape, item["x_low"].shape  # doctest: +SKIP
+    >>> ds = MegapixelMNIST("train", size=4, preset="ci")
+    >>> item = ds[0]; item["x_high"].shape, item["x_low"].shape
     (torch.Size([1, 256, 256]), torch.Size([1, 30, 30]))
 """
 

@@ -13,9 +13,11 @@ layout on a ``⌈√N⌉``-wide grid of 28-px cells, for the spatial models (no 
 ``label`` int (1 = contains the target), ``instance_labels`` ``(N,)`` int64 and ``index``.
 
 Example:
-    >>> ds = MNISTBags(split="train", size=4, seed=0)       # doctest: +SKIP
-    >>> item = ds[0]; item["bag"].shape, item["label"]        # doctest: +SKIP
-    (torch.Size([9, 1, 28, 28]), 1)
+    >>> ds = MNISTBags(split="train", size=4, seed=0)
+    >>> item = ds[0]; item["bag"].shape, item["instance_labels"].shape   # N = 10 for this (seed, index)
+    (torch.Size([10, 1, 28, 28]), torch.Size([10]))
+    >>> item["label"] == int(item["instance_labels"].max())
+    True
 """
 
 from __future__ import annotations

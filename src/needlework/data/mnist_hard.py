@@ -19,8 +19,8 @@ Each item is a dict:
 Pixel coordinates are continuous: pixel ``(row r, col c)`` covers ``[c, c+1) × [r, r+1)``.
 
 Example:
-    >>> ds = MultiMNIST("train", size=4)               # doctest: +SKIP
-    >>> item = ds[0]; item["image"].shape, item["boxes"].shape   # doctest: +SKIP
+    >>> ds = MultiMNIST("train", size=4)
+    >>> item = ds[0]; item["image"].shape, item["boxes"].shape
     (torch.Size([1, 80, 80]), torch.Size([9, 4]))
 """
 

@@ -11,8 +11,8 @@ materialises small datasets once as a uint8 ``.npy`` in the cache directory (val
 sums are integers before the clip).
 
 Example:
-    >>> ds = NeedleMNIST(canvas=128, split="train", size=8, seed=0)   # doctest: +SKIP
-    >>> item = ds[0]; item["image"].shape, item["label"], ds.o2i       # doctest: +SKIP
+    >>> ds = NeedleMNIST(canvas=128, split="train", size=8, seed=0)
+    >>> item = ds[0]; item["image"].shape, item["label"], ds.o2i
     (torch.Size([1, 128, 128]), 1, 0.0478...)
 """
 

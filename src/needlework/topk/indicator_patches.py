@@ -47,6 +47,7 @@ def soft_patches(
     the only entries the perturbed top-K backward reads. Memory is O(|support| · C · Ph · Pw).
 
     Example:
+        >>> from needlework.ops.grids import cell_coords
         >>> img = torch.rand(2, 1, 40, 40)
         >>> y = torch.zeros(2, 1, 16); y[:, 0, 5] = 0.75; y[:, 0, 6] = 0.25
         >>> cand = cell_coords((40, 40), (4, 4), 10)

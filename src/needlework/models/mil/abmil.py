@@ -8,7 +8,7 @@ Example:
     >>> import torch, needlework
     >>> model = needlework.create_model("abmil.gated", in_dim=32, num_classes=3)
     >>> out = model(torch.randn(2, 5, 32), mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool())
-    >>> out["logits"].shape, float(out["attention"][0, 3:].sum())
+    >>> out["logits"].shape, float(out["attention"][0, 3:].detach().sum())
     (torch.Size([2, 3]), 0.0)
 """
 

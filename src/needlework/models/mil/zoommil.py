@@ -23,8 +23,8 @@ Outputs: ``logits``, ``attention`` ``(B, N_0)`` (level 0), ``attention_levels``,
 Example:
     >>> import torch, needlework
     >>> model = needlework.create_model("zoommil", in_dim=8, num_classes=2, num_levels=2, k=2).eval()
-    >>> out = model(torch.randn(1, 5, 8), bag_1=torch.randn(1, 20, 8))   # doctest: +SKIP
-    >>> out["logits"].shape, out["selected_idx"].shape                   # doctest: +SKIP
+    >>> out = model(torch.randn(1, 5, 8), bag_1=torch.randn(1, 20, 8))
+    >>> out["logits"].shape, out["selected_idx"].shape
     (torch.Size([1, 2]), torch.Size([1, 2]))
 """
 
