@@ -15,8 +15,8 @@ from needlework.metrics.localisation import (
 )
 
 __all__ = [
-    "attention_peaks",
     "DetectionMetrics",
+    "attention_peaks",
     "average_precision",
     "box_iou",
     "localisation_ap",
