@@ -153,3 +153,27 @@ def test_o2i_sweep_micro_grid_writes_rows_and_figure_and_resumes(tmp_path):
         assert row["images_seen"] == row["steps"] * 16 and row["peak_mem_mb"] > 50
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 runs to go" in again.stdout  # a finished sweep resumes to nothing
+
+
+def test_ips_demo_end_to_end_in_a_subprocess(tmp_path):
+    """``needlework demo --method ips``: the tiny-regime demo, shortened (a crash fails with its signal)."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "needlework", "demo", "--method", "ips", "--canvas", "128",
+           "--stages", "64:1", "--epochs", "2", "--epoch-size", "32", "--val-size", "16", "--test-size", "16", "--out", str(out),
+           "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["method"] == "ips" and metrics["n_test"] == 16 and metrics["epochs"] == 2
+    assert 0 <= metrics["localisation_ap"] <= 1
+    assert (out / "selection.png").stat().st_size > 10_000
+    assert "IPS in the tiny regime" in (out / "report.md").read_text()
+
+
+def test_demo_stage_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--method", "ips", "--stages", "64x4"])
+    assert "--stages takes CANVAS:EPOCHS pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--method", "ips", "--epochs", "10"])
+    assert "the curriculum has 24 of 10 epochs" in capsys.readouterr().err
