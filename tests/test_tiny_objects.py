@@ -159,8 +159,8 @@ def test_ips_demo_end_to_end_in_a_subprocess(tmp_path):
     """``needlework demo --method ips``: the tiny-regime demo, shortened (a crash fails with its signal)."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "needlework", "demo", "--method", "ips", "--canvas", "128",
-           "--stages", "64:1", "--epochs", "2", "--epoch-size", "32", "--val-size", "16", "--test-size", "16", "--out", str(out),
-           "--quiet"]  # fmt: skip
+           "--stages", "64:1", "--epochs", "2", "--epoch-size", "32", "--val-size", "16",
+           "--test-size", "16", "--out", str(out), "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     metrics = json.loads((out / "metrics.json").read_text())
