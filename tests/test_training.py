@@ -48,7 +48,7 @@ def test_fit_cli_writes_run_folder_and_tests_best_checkpoint(tmp_path, capsys):
         "--data.init_args.train_kwargs", '{"size": 64}',
         "--data.init_args.val_kwargs", '{"size": 32}',
         "--data.init_args.test_kwargs", '{"size": 32}',
-        "--trainer.accumulate_grad_batches", "2",
+        "--trainer.accumulate_grad_batches", "2", "--trainer.check_val_every_n_epoch", "1",
     ]
     assert cli_main(args) == 0
     (run,) = (tmp_path / "needle_mnist_dense").iterdir()
@@ -63,6 +63,24 @@ def test_fit_cli_writes_run_folder_and_tests_best_checkpoint(tmp_path, capsys):
     best = metrics["fit"]["best_checkpoint"]
     assert cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", best,
                      "--runs_dir", str(tmp_path / "eval")]) == 0
+
+
+def test_fit_without_validation_tests_final_weights(tmp_path, capsys):
+    """The packaged config validates every 9 epochs: a 1-epoch fit has no best checkpoint and says so."""
+    args = [
+        "fit", "--config", "needle_mnist/dense", "--runs_dir", str(tmp_path),
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--model.init_args.model_kwargs", json.dumps(TINY_MODEL),
+        "--data.init_args.dataset_kwargs", '{"canvas": 64}',
+        "--data.init_args.train_kwargs", '{"size": 32}',
+        "--data.init_args.val_kwargs", '{"size": 32}',
+        "--data.init_args.test_kwargs", '{"size": 32}',
+    ]
+    assert cli_main(args) == 0
+    assert "no best checkpoint" in capsys.readouterr().err
+    (run,) = (tmp_path / "needle_mnist_dense").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert not metrics["fit"]["best_checkpoint"] and "test/acc" in metrics["test"]
 
 
 def test_cli_dispatch(capsys):
