@@ -41,7 +41,8 @@ class TissueParams:
         threshold: fixed saturation threshold in [0, 1]; ``None`` = Otsu.
         min_saturation: lower bound on the threshold (keeps white/grey background out).
         dark_value: pixels whose max(R, G, B) is below this are not tissue (unscanned/black areas).
-        close_um, open_um: radii of the morphological closing / opening (µm; 0 = none).
+        close_um: radius of the morphological closing (µm; 0 = none).
+        open_um: radius of the morphological opening (µm; 0 = none).
         fill_holes: fill holes in the tissue.
         max_hole_area_um2: fill only holes smaller than this (``None`` = all holes).
         min_area_um2: drop tissue pieces smaller than this.
