@@ -60,17 +60,19 @@ def prepare(n_slides: int, cache: Path | None = None) -> dict[str, Any]:
     if done.exists() and json.loads(done.read_text()).get("spec") == spec:
         return json.loads(done.read_text())["paths"]
     cohort, job = root / "cohort", root / "job"
-    _run(["slides", "synth", cohort, "--n-slides", n_slides, "--width", spec["width"], "--height",
-          spec["height"], "--slides-per-patient", spec["slides_per_patient"],
-          "--n-lesions", spec["n_lesions"], "--lesion-radius", *spec["lesion_radius"],
+    _run(["slides", "synth", "--out_dir", cohort, "--n_slides", n_slides, "--width", spec["width"],
+          "--height", spec["height"], "--slides_per_patient", spec["slides_per_patient"],
+          "--n_lesions", spec["n_lesions"], "--lesion_radius", json.dumps(list(spec["lesion_radius"])),
           "--seed", spec["seed"]])
-    _run(["slides", "tile", cohort / "slides", "--job-dir", job, "--target-mag", spec["target_mag"],
-          "--patch-size", spec["patch_size"], "--mpp-csv", cohort / "mpp_overrides.csv", "--no-progress"])
+    _run(["slides", "tile", "--slides", cohort / "slides", "--job_dir", job,
+          "--tiling.target_magnification", spec["target_mag"], "--tiling.patch_size", spec["patch_size"],
+          "--mpp_csv", cohort / "mpp_overrides.csv", "--progress", "false"])
     tiling = job / f"{spec['target_mag']}x_{spec['patch_size']}px_0px_overlap"
-    _run(["slides", "embed", cohort / "slides", "--job-dir", job, "--tiling", tiling.name,
-          "--encoder", spec["encoder"], "--num-workers", 0, "--no-progress"])
-    _run(["slides", "splits", cohort / "labels.csv", "--out", root / "splits", "--k", spec["folds"],
-          "--seed", spec["seed"]])
+    _run(["slides", "embed", "--slides", cohort / "slides", "--job_dir", job,
+          "--tiling_dir_name", tiling.name, "--encoder", spec["encoder"], "--num_workers", 0,
+          "--progress", "false"])
+    _run(["slides", "splits", "--labels_csv", cohort / "labels.csv", "--out_dir", root / "splits",
+          "--k", spec["folds"], "--seed", spec["seed"]])
     paths = {
         "features_dir": str(tiling / f"features_{spec['encoder']}"),
         "labels_csv": str(cohort / "labels.csv"),
@@ -96,11 +98,12 @@ def prepare_multimag(n_slides: int, cache: Path | None = None) -> dict[str, Any]
     for mag in MULTIMAG:
         tiling = job / f"{mag}x_{SPEC['patch_size']}px_0px_overlap"
         if mag != SPEC["target_mag"]:
-            _run(["slides", "tile", cohort / "slides", "--job-dir", job, "--target-mag", mag,
-                  "--patch-size", SPEC["patch_size"], "--mpp-csv", cohort / "mpp_overrides.csv",
-                  "--no-progress"])
-            _run(["slides", "embed", cohort / "slides", "--job-dir", job, "--tiling", tiling.name,
-                  "--encoder", SPEC["encoder"], "--num-workers", 0, "--no-progress"])
+            _run(["slides", "tile", "--slides", cohort / "slides", "--job_dir", job,
+                  "--tiling.target_magnification", mag, "--tiling.patch_size", SPEC["patch_size"],
+                  "--mpp_csv", cohort / "mpp_overrides.csv", "--progress", "false"])
+            _run(["slides", "embed", "--slides", cohort / "slides", "--job_dir", job,
+                  "--tiling_dir_name", tiling.name, "--encoder", SPEC["encoder"], "--num_workers", 0,
+                  "--progress", "false"])
         dirs.append(str(tiling / f"features_{SPEC['encoder']}"))
     done.write_text(json.dumps({"mags": list(MULTIMAG), "features_dirs": dirs}, indent=2))
     return {**paths, "features_dirs": dirs}

@@ -6,6 +6,7 @@ exceptions: the deprecation aliases of ``needlework.mist`` and the lazy facades.
 """
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,42 @@ def test_registry_is_a_leaf():
 )
 def test_imports_stay_light(modules, forbidden):
     code = f"import sys, {modules}; print(','.join(m for m in {forbidden!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = _run(code)
     assert out.strip() == "", f"import {modules} loaded {out.strip()}"
+
+
+def _run(code: str) -> str:
+    """stdout of ``python -c code`` importing this checkout's package (not an installed copy)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PKG.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+HEAVY = ("torch", "lightning", "matplotlib", "scipy", "skimage")
+
+
+@pytest.mark.parametrize(
+    "steps,forbidden",
+    [
+        # the tiling command's module and parser, and its --help (which builds the parser from the job
+        # dataclasses): no torch (the embed job), no scipy/skimage (OpenCV does the tissue), no plotting
+        ("import needlework.cli.slides as s; s.tile_parser()", HEAVY),
+        ("from needlework.cli import main\ntry: main(['slides', 'tile', '--help'])\nexcept SystemExit: pass",
+         HEAVY),
+        ("import needlework.slides.jobs, needlework.slides.tiling, needlework.slides.tissue", HEAVY),
+        ("from needlework.cli import main\ntry: main(['slides', 'embed', '--help'])\nexcept SystemExit: pass",
+         HEAVY),
+        # doctor probes torch in a child process; it imports no torch, lightning, matplotlib or models
+        ("from needlework.cli import main; main(['doctor', '--min_free_gb', '0'])",
+         ("torch", "lightning", "matplotlib", "needlework.models", "timm", "transformers")),
+    ],
+    ids=["tile-parser", "tile-help", "tiling-modules", "embed-help", "doctor"],
+)
+def test_commands_import_only_what_they_use(steps, forbidden):
+    code = f"import sys\n{steps}\nprint('LOADED', [m for m in {forbidden!r} if m in sys.modules])"
+    loaded = [line for line in _run(code).splitlines() if line.startswith("LOADED")][-1]
+    assert loaded == "LOADED []", f"{steps!r} loaded {loaded[7:]}"
 
 
 def test_no_two_modules_share_a_confusing_name():

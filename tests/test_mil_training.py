@@ -95,15 +95,15 @@ def test_slide_bag_config_trains_on_patient_level_folds(clean_argv, tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     root = Path("runs/mil_slides")
-    assert main(["slides", "synth", str(root / "cohort"), "--n-slides", "8", "--width", "2048", "--height",
-                 "1536", "--n-lesions", "3", "--lesion-radius", "30", "60"]) == 0
-    assert main(["slides", "tile", str(root / "cohort/slides"), "--job-dir", str(root / "job"),
-                 "--target-mag", "40", "--patch-size", "64", "--mpp-csv",
-                 str(root / "cohort/mpp_overrides.csv"), "--no-progress"]) == 0
-    assert main(["slides", "embed", str(root / "cohort/slides"), "--job-dir", str(root / "job"),
-                 "--encoder", "color_stats", "--num-workers", "0", "--no-progress"]) == 0
-    assert main(["slides", "splits", str(root / "cohort/labels.csv"), "--out", str(root / "splits"),
-                 "--k", "4"]) == 0
+    assert main(["slides", "synth", "--out_dir", str(root / "cohort"), "--n_slides", "8", "--width", "2048",
+                 "--height", "1536", "--n_lesions", "3", "--lesion_radius", "[30, 60]"]) == 0
+    assert main(["slides", "tile", "--slides", str(root / "cohort/slides"), "--job_dir", str(root / "job"),
+                 "--tiling.target_magnification", "40", "--tiling.patch_size", "64", "--mpp_csv",
+                 str(root / "cohort/mpp_overrides.csv"), "--progress", "false"]) == 0
+    assert main(["slides", "embed", "--slides", str(root / "cohort/slides"), "--job_dir", str(root / "job"),
+                 "--encoder", "color_stats", "--num_workers", "0", "--progress", "false"]) == 0
+    assert main(["slides", "splits", "--labels_csv", str(root / "cohort/labels.csv"), "--out_dir",
+                 str(root / "splits"), "--k", "4"]) == 0
     # patient-level: no patient has slides in two parts of a fold
     with open(root / "cohort/labels.csv") as f:
         patient = {r["slide_id"]: r["case_id"] for r in csv.DictReader(f)}

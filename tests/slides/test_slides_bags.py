@@ -242,17 +242,17 @@ def test_a_mil_model_trains_on_the_bags(bag_data, cohort, job, tmp_path):
             [
                 "slides",
                 "heatmap",
-                "--slide",
+                "--slides",
                 str(cohort["slides_dir"]),
                 "--features",
                 str(bag_data["features_dir"] / f"{slide_id}.h5"),
                 "--checkpoint",
                 str(tmp_path / "last.ckpt"),
-                "--out",
+                "--out_dir",
                 str(tmp_path / "heat"),
                 "--formats",
-                "h5,png",
-                "--max-side",
+                "[h5, png]",
+                "--max_side",
                 "256",
             ]
         )

@@ -19,18 +19,18 @@ def test_slide_workflow_from_the_command_line(tmp_path, capsys):
             [
                 "slides",
                 "synth",
+                "--out_dir",
                 str(cohort),
-                "--n-slides",
+                "--n_slides",
                 "3",
                 "--width",
                 "1024",
                 "--height",
                 "768",
-                "--slides-per-patient",
+                "--slides_per_patient",
                 "1",
-                "--lesion-radius",
-                "16",
-                "24",
+                "--lesion_radius",
+                "[16, 24]",
             ]
         )
         == 0
@@ -39,27 +39,35 @@ def test_slide_workflow_from_the_command_line(tmp_path, capsys):
     # Without the override CSV the slide without MPP stops the run with the fix in the message.
     with pytest.warns(UserWarning, match="no tissue found"):  # default minimum area > these tiny pieces
         assert (
-            main(["slides", "tile", slides, "--job-dir", str(job), "--patch-size", "64", "--no-progress"])
+            main(
+                [
+                    "slides", "tile", "--slides", slides, "--job_dir", str(job),
+                    "--tiling.patch_size", "64", "--progress", "false",
+                ]
+            )
             == 1
         )
-    assert "--mpp-csv" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: tile failed on slide" in err and "--mpp_csv" in err and "Traceback" not in err
     # Different segmentation settings: finished slides are redone, not skipped.
     assert (
         main(
             [
                 "slides",
                 "tile",
+                "--slides",
                 slides,
-                "--job-dir",
+                "--job_dir",
                 str(job),
-                "--patch-size",
+                "--tiling.patch_size",
                 "64",
-                "--no-progress",
-                "--mpp-csv",
+                "--progress",
+                "false",
+                "--mpp_csv",
                 str(cohort / "mpp_overrides.csv"),
-                "--seg-mpp",
+                "--tissue.seg_mpp",
                 "2",
-                "--seg-min-area-um2",
+                "--tissue.min_area_um2",
                 "1000",
             ]
         )
@@ -72,16 +80,18 @@ def test_slide_workflow_from_the_command_line(tmp_path, capsys):
             [
                 "slides",
                 "embed",
+                "--slides",
                 slides,
-                "--job-dir",
+                "--job_dir",
                 str(job),
                 "--encoder",
                 "color_stats",
-                "--num-workers",
+                "--num_workers",
                 "0",
-                "--batch-size",
+                "--batch_size",
                 "8",
-                "--no-progress",
+                "--progress",
+                "false",
             ]
         )
         == 0
@@ -93,12 +103,14 @@ def test_slide_workflow_from_the_command_line(tmp_path, capsys):
             [
                 "slides",
                 "splits",
+                "--labels_csv",
                 str(cohort / "labels.csv"),
-                "--out",
+                "--out_dir",
                 str(tmp_path / "splits"),
                 "--k",
                 "2",
-                "--no-val",
+                "--val",
+                "false",
             ]
         )
         == 0
@@ -117,15 +129,15 @@ def test_slide_workflow_from_the_command_line(tmp_path, capsys):
             [
                 "slides",
                 "heatmap",
-                "--slide",
+                "--slides",
                 slides,
                 "--scores",
                 str(tmp_path / "slide_000_scores.h5"),
-                "--out",
+                "--out_dir",
                 str(tmp_path / "heat"),
                 "--formats",
-                "png,geojson",
-                "--max-side",
+                "[png, geojson]",
+                "--max_side",
                 "256",
             ]
         )
@@ -171,17 +183,17 @@ def test_heatmap_from_a_checkpoint(tmp_path, capsys):
             [
                 "slides",
                 "heatmap",
-                "--slide",
+                "--slides",
                 str(tmp_path / "s.tif"),
                 "--features",
                 str(tmp_path / "s.h5"),
                 "--checkpoint",
                 str(tmp_path / "last.ckpt"),
-                "--out",
+                "--out_dir",
                 str(tmp_path / "out"),
                 "--formats",
-                "h5",
-                "--max-side",
+                "[h5]",
+                "--max_side",
                 "128",
             ]
         )
@@ -199,7 +211,9 @@ def test_doctor_reports_and_fails_on_missing_mpp(tmp_path, capsys):
     slides = tmp_path / "slides"
     make_synthetic_slide(slides / "a.tif", SyntheticSlideSpec(width=512, height=512, n_lesions=0))
     make_synthetic_slide(slides / "b.tif", SyntheticSlideSpec(width=512, height=512, n_lesions=0, mpp=None))
-    code = main(["doctor", str(slides), "--out", str(tmp_path), "--json", "--min-free-gb", "0"])
+    code = main(
+        ["doctor", "--slides", str(slides), "--out_dir", str(tmp_path), "--json", "--min_free_gb", "0"]
+    )
     report = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in report["checks"]}
     assert code == 1 and not report["ok"]
@@ -212,15 +226,103 @@ def test_doctor_reports_and_fails_on_missing_mpp(tmp_path, capsys):
             [
                 "slides",
                 "doctor",
+                "--slides",
                 str(slides),
-                "--out",
+                "--out_dir",
                 str(tmp_path),
-                "--mpp-csv",
+                "--mpp_csv",
                 str(tmp_path / "mpp.csv"),
-                "--min-free-gb",
+                "--min_free_gb",
                 "0",
             ]
         )
         == 0
     )
     assert "all hard checks passed" in capsys.readouterr().out
+
+
+def _one_slide(folder, **kw):
+    from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_slide
+
+    make_synthetic_slide(folder / "a.tif", SyntheticSlideSpec(width=1024, height=768, n_lesions=0, **kw))
+    return folder
+
+
+def test_tile_from_a_config_file_resumes_and_flags_override_it(tmp_path, capsys):
+    slides, job = _one_slide(tmp_path / "slides"), tmp_path / "job"
+    base = ["slides", "tile", "--slides", str(slides), "--job_dir", str(job), "--tiling.patch_size", "64"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--tissue.min_area_um2", "1000", "--progress", "false", "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "patch_size: 64" in printed and "min_area_um2: 1000" in printed and "seg_mpp: 4.0" in printed
+    config = tmp_path / "tile.yaml"
+    config.write_text(printed)
+    assert main(["slides", "tile", "--config", str(config)]) == 0
+    assert "1 done" in capsys.readouterr().out
+    state = job / "20x_64px_0px_overlap" / "wsi_states" / "tile"
+    assert json.loads((state / "a.json").read_text())["status"] == "done"
+    assert "done" in (state / "summary.md").read_text()
+    # the same settings again: resumed (skipped); a flag after --config overrides the file
+    assert main(["slides", "tile", "--config", str(config)]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    assert main(["slides", "tile", "--config", str(config), "--tiling.patch_size", "32"]) == 0
+    assert (job / "20x_32px_0px_overlap" / "patches" / "a_patches.h5").is_file()
+
+
+def test_bad_input_is_one_error_line_without_traceback(tmp_path, capsys):
+    slides = _one_slide(tmp_path / "slides", mpp=None)  # no MPP: fails unless overridden
+    # a missing folder, a failing slide, an embed job without tiles: status 1, one "error:" line
+    assert main(["slides", "tile", "--slides", str(tmp_path / "nope"), "--job_dir", str(tmp_path / "j")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: slide folder not found") and "Traceback" not in err
+    tile = ["slides", "tile", "--slides", str(slides), "--job_dir", str(tmp_path / "j")]
+    tile += ["--progress", "false"]
+    assert main(tile) == 1
+    err = capsys.readouterr().err
+    assert "error: tile failed on slide a" in err and "--skip_errors" in err and "Traceback" not in err
+    # --skip_errors (a bare boolean is true): the run goes on and lists the failure; status 1
+    assert main([*tile, "--skip_errors"]) == 1
+    out = capsys.readouterr().out
+    assert "1 failed" in out and "a:" in out
+    embed = ["slides", "embed", "--slides", str(slides), "--job_dir", str(tmp_path / "empty")]
+    assert main(embed) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "expected one tiling folder" in err and "Traceback" not in err
+    # invalid values and unknown options are usage errors: status 2, "error: ..." naming the problem
+    for argv, message in [
+        ([*tile, "--tiling.overlap", "64", "--tiling.patch_size", "64"], "overlap < patch_size"),
+        ([*tile, "--tiling.patch_size", "big"], "tiling.patch_size"),
+        ([*tile, "--reader", "pillow"], "reader"),
+        ([*tile, "--seg-mpp", "2"], "unrecognized arguments: --seg-mpp"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "error:" in err and message in err and "Traceback" not in err, err
+    assert main(["slides", "frobnicate"]) == 2
+    assert main(["slides", "--help"]) == 0 and "tile" in capsys.readouterr().out
+
+
+def test_tiling_a_slide_loads_no_torch_scipy_or_plotting(tmp_path):
+    """A real ``slides tile`` run, in a fresh interpreter, imports none of the heavy packages."""
+    import subprocess
+    import sys
+
+    slides = _one_slide(tmp_path / "slides")
+    heavy = ("torch", "lightning", "matplotlib", "scipy", "skimage")
+    argv = ["slides", "tile", "--slides", str(slides), "--job_dir", str(tmp_path / "job")]
+    argv += ["--progress", "false"]
+    code = (
+        "import sys; from needlework.cli import main; rc = main(" + repr(argv) + "); "
+        f"print([m for m in {heavy!r} if m in sys.modules]); sys.exit(rc)"
+    )
+    import os
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")  # this checkout, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert (tmp_path / "job" / "20x_256px_0px_overlap" / "patches" / "a_patches.h5").is_file()

@@ -146,7 +146,7 @@ def test_corrupt_slides_fail_clearly_and_skip_errors_goes_on(cohort, tmp_path):
     data = (cohort["slides_dir"] / "slide_002.tif").read_bytes()
     (slides / "a_truncated.tif").write_bytes(data[: len(data) // 3])
     (slides / "b_garbage.svs").write_bytes(b"\x00garbage" * 1000)
-    with pytest.raises(SlideJobError, match=r"(?s)slide a_truncated .*--skip-errors"):
+    with pytest.raises(SlideJobError, match=r"(?s)slide a_truncated .*--skip_errors"):
         run_tiling(slides, tile_config(tmp_path / "stop"))
     summary = run_tiling(slides, tile_config(tmp_path / "go"), skip_errors=True)
     assert summary["counts"]["failed"] == 2 and summary["counts"]["done"] == 2
@@ -163,9 +163,9 @@ def test_corrupt_slides_fail_clearly_and_skip_errors_goes_on(cohort, tmp_path):
 
 
 def test_missing_mpp_fails_that_slide_with_the_fix(cohort, tmp_path):
-    summary = run_tiling(cohort["slides_dir"], tile_config(tmp_path), skip_errors=True)  # no --mpp-csv
+    summary = run_tiling(cohort["slides_dir"], tile_config(tmp_path), skip_errors=True)  # no --mpp_csv
     assert [f["slide_id"] for f in summary["failures"]] == ["slide_003"]
-    assert "--mpp-csv" in summary["failures"][0]["error"]
+    assert "--mpp_csv" in summary["failures"][0]["error"]
 
 
 def test_no_tissue_is_reported_not_skipped(tmp_path):

@@ -34,7 +34,7 @@ def test_readers_return_identical_rgb(cohort):
 
 def test_missing_mpp_is_a_loud_error_and_override_fixes_it(cohort):
     path = cohort["slides_dir"] / "slide_003.tif"
-    with open_slide(path) as slide, pytest.raises(MissingMPPError, match=r"slide_003\.tif.*--mpp-csv"):
+    with open_slide(path) as slide, pytest.raises(MissingMPPError, match=r"slide_003\.tif.*--mpp_csv"):
         _ = slide.mpp
     with open_slide(path, mpp_override=0.25) as slide:
         assert slide.mpp == 0.25 and slide.mpp_info.source == "override"

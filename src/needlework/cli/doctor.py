@@ -2,25 +2,33 @@
 
 Each check is ``{"name", "status": "ok" | "warn" | "fail", "detail"}``; the exit status is 1 when any
 check fails (no slide reader, a slide that no reader opens or without MPP, an unwritable output folder,
-less than ``--min-free-gb`` free).
+less than ``--min_free_gb`` free, a torch that does not load). The slide stack (readers, h5py, OpenCV) is
+imported; torch is probed in a child process; the heavy optional packages (lightning, timm, transformers
+...) are only looked up, not imported, unless ``--import_extras true``.
+
+    needlework doctor --slides runs/cohort/slides --mpp_csv runs/cohort/mpp_overrides.csv --json true
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-OPTIONAL = (
-    "openslide",
-    "tiffslide",
+# imported to check them: what tiling and reading slides need
+IMPORTED = ("openslide", "tiffslide", "h5py", "cv2", "tqdm")
+# looked up (installed version) without importing them: seconds each for lightning, transformers, timm
+LOOKED_UP = (
     "ray",
     "timm",
     "torchvision",
@@ -28,10 +36,8 @@ OPTIONAL = (
     "spconv",
     "lightning",
     "torchmetrics",
-    "h5py",
     "skimage",
     "sklearn",
-    "tqdm",
 )
 
 
@@ -47,23 +53,65 @@ def _module_version(name: str) -> tuple[bool, str]:
     return True, str(getattr(mod, "__version__", "?"))
 
 
-def environment_checks() -> list[dict[str, str]]:
-    import torch
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    return dict(importlib.metadata.packages_distributions())
 
+
+def _installed_version(name: str) -> tuple[bool, str]:
+    """Whether module ``name`` is installed and its distribution's version, without importing it."""
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return False, "ModuleNotFoundError: not installed"
+    dists = _distributions().get(name, [])
+    for dist in dists:
+        try:
+            return True, f"{importlib.metadata.version(dist)} (installed; not imported)"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return True, "? (installed; not imported)"
+
+
+_TORCH_PROBE = """
+import json, torch
+cuda = torch.cuda.is_available()
+gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+threads = torch.get_num_threads()
+print(json.dumps({"version": torch.__version__, "cuda": cuda, "threads": threads, "gpus": gpus}))
+"""
+
+
+def torch_checks(timeout: float = 300.0) -> list[dict[str, str]]:
+    """torch's version, build and GPUs, probed in a child process: a torch that crashes or hangs while
+    loading its CUDA libraries is reported instead of taking the doctor down, and this process stays
+    free of torch."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return [_check("torch", "fail", f"`import torch` did not finish within {timeout:g} s")]
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]
+        return [_check("torch", "fail", f"`import torch` failed: {tail}")]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
     checks = [
-        _check("python", "ok", f"{platform.python_version()} ({sys.executable})"),
         _check(
-            "torch",
-            "ok",
-            f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
-            f"{torch.get_num_threads()} threads",
-        ),
+            "torch", "ok", f"{info['version']}, CUDA available: {info['cuda']}, {info['threads']} threads"
+        )
     ]
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        checks.append(_check("gpus", "ok", ", ".join(names)))
-    for name in OPTIONAL:
-        ok, detail = _module_version(name)
+    if info["gpus"]:
+        checks.append(_check("gpus", "ok", ", ".join(info["gpus"])))
+    return checks
+
+
+def environment_checks(import_extras: bool = False) -> list[dict[str, str]]:
+    checks = [_check("python", "ok", f"{platform.python_version()} ({sys.executable})"), *torch_checks()]
+    for name in IMPORTED + LOOKED_UP:
+        ok, detail = _module_version(name) if import_extras or name in IMPORTED else _installed_version(name)
         checks.append(
             _check(f"extra:{name}", "ok" if ok else "warn", detail if ok else f"not usable ({detail})")
         )
@@ -131,7 +179,7 @@ def slide_checks(
 
 
 def encoder_checks() -> list[dict[str, str]]:
-    from needlework.models.encoder_loading import LOCAL_CKPTS_ENV, local_checkpoints
+    from needlework.io.local_checkpoints import LOCAL_CKPTS_ENV, local_checkpoints
 
     if not os.environ.get(LOCAL_CKPTS_ENV):
         return [
@@ -147,36 +195,42 @@ def encoder_checks() -> list[dict[str, str]]:
 
 
 def run_doctor(
-    slides_dir: str | None = None,
+    slides: str | None = None,
     out_dir: str = ".",
     mpp_csv: str | None = None,
-    reader: str = "auto",
+    reader: Literal["auto", "openslide", "tiffslide"] = "auto",
     min_free_gb: float = 1.0,
     limit: int | None = None,
+    import_extras: bool = False,
 ) -> list[dict[str, str]]:
-    checks = environment_checks() + disk_check(out_dir, min_free_gb) + encoder_checks()
-    if slides_dir:
-        checks += slide_checks(slides_dir, mpp_csv, reader, limit)
+    """Run the checks; returns them (``{"name", "status", "detail"}``).
+
+    Args:
+        slides: folder of slides to check (opens each, resolves its MPP, reads a tile).
+        out_dir: output folder to check for write access and free space.
+        mpp_csv: per-slide MPP override CSV (columns ``wsi,mpp`` or ``slide_id,mpp``).
+        reader: slide reader (``auto``: OpenSlide, then tiffslide).
+        min_free_gb: fail below this much free space in ``out_dir``.
+        limit: check at most this many slides.
+        import_extras: import every optional package to check that it loads (slow), instead of looking
+            up its installed version.
+    """
+    checks = environment_checks(import_extras) + disk_check(out_dir, min_free_gb) + encoder_checks()
+    if slides:
+        checks += slide_checks(slides, mpp_csv, reader, limit)
     return checks
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="needlework doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "slides", nargs="?", help="optional folder of slides to check (opens each, resolves MPP)"
-    )
-    parser.add_argument("--out", default=".", help="output folder to check for write access and free space")
-    parser.add_argument("--mpp-csv", help="MPP override CSV (columns wsi,mpp or slide_id,mpp)")
-    parser.add_argument("--reader", default="auto", choices=["auto", "openslide", "tiffslide"])
-    parser.add_argument("--min-free-gb", type=float, default=1.0)
-    parser.add_argument("--limit", type=int, help="check at most this many slides")
-    parser.add_argument("--json", action="store_true", help="print a JSON report")
-    args = parser.parse_args(argv)
-    checks = run_doctor(args.slides, args.out, args.mpp_csv, args.reader, args.min_free_gb, args.limit)
+def main(argv: list[str], prog: str = "needlework doctor") -> int:
+    from needlework.cli._parsing import add_group, new_parser, parse
+
+    parser = new_parser(prog, __doc__ or "")
+    add_group("checks (run_doctor)", parser.add_function_arguments, run_doctor, None)
+    parser.add_argument("--json", type=bool, default=False, help="print a JSON report")
+    cfg = parse(parser, argv)
+    checks = run_doctor(**{k: v for k, v in vars(cfg).items() if k not in ("config", "json")})
     failed = [c for c in checks if c["status"] == "fail"]
-    if args.json:
+    if cfg.json:
         report: dict[str, Any] = {"ok": not failed, "checks": checks}
         print(json.dumps(report, indent=2))
     else:

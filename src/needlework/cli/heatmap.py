@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import h5py
 import numpy as np
-import torch
 
-from needlework.io.h5 import patch_size_level0_of, read_features
-from needlework.models.checkpoint import load_model
-from needlework.slides.heatmap_export import export_heatmap, scores_from_model
 from needlework.slides.reader import list_slides, slide_id_of
 
 
 def read_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``scores``, ``coords`` and attributes from a heatmap h5 (ours, or CLAM's ``attention_scores``)."""
+    import h5py
+
     with h5py.File(path, "r") as f:
         key = "scores" if "scores" in f else "attention_scores" if "attention_scores" in f else None
         if key is None or "coords" not in f:
@@ -39,73 +34,119 @@ def _files(path: str, suffix: str) -> list[Path]:
     return sorted(p.glob(f"*{suffix}")) if p.is_dir() else [p]
 
 
-def run_heatmaps(args: argparse.Namespace) -> int:
-    if bool(args.scores) == bool(args.features):
-        raise SystemExit("give exactly one of --scores or --features (with --checkpoint)")
-    slide_dir = Path(args.slide)
-    slides = (
+def run_heatmaps(
+    slides: str,
+    out_dir: str,
+    scores: str | None = None,
+    features: str | None = None,
+    checkpoint: str | None = None,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    formats: tuple[str, ...] = ("png", "h5", "tiles", "geojson"),
+    class_index: int = -1,
+    normalisation: Literal["percentile", "minmax", "none"] = "percentile",
+    cmap: str = "viridis",
+    alpha: float = 0.4,
+    smooth_sigma: float = 0.0,
+    max_side: int = 4096,
+    top_k: int = 10,
+    bottom_k: int = 0,
+    geojson_top_k: int | None = None,
+    geojson_min_score: float | None = None,
+) -> int:
+    """Heatmaps of every scores (or features) file whose slide is found; returns the number written.
+
+    Args:
+        slides: slide file, or folder of slides (matched to the score files by slide id).
+        out_dir: output folder.
+        scores: h5 file or folder with ``coords`` + ``scores`` (or CLAM's ``attention_scores``).
+        features: features h5 file or folder, scored with ``checkpoint``.
+        checkpoint: model state dict or Lightning checkpoint (with ``features``).
+        model: registered model name (default: from the Lightning checkpoint).
+        model_kwargs: model arguments, e.g. ``{"in_dim": 1024}``.
+        formats: any of ``png``, ``h5``, ``tiles``, ``geojson``.
+        class_index: score column (or class) drawn; -1 = the last.
+        normalisation: score normalisation of the pictures (the h5 keeps the raw scores).
+        cmap: matplotlib colour map.
+        alpha: opacity of the overlay.
+        smooth_sigma: Gaussian smoothing of the overlay, in overlay pixels.
+        max_side: longest side of the overlay PNG.
+        top_k: highest-scoring tiles exported as PNGs.
+        bottom_k: lowest-scoring tiles exported as PNGs.
+        geojson_top_k: keep only the best tiles in the GeoJSON.
+        geojson_min_score: keep only tiles scoring at least this in the GeoJSON.
+    """
+    from needlework.io.h5 import patch_size_level0_of, read_features
+    from needlework.slides.heatmap_export import export_heatmap
+
+    if bool(scores) == bool(features):
+        raise ValueError("give exactly one of --scores or --features (with --checkpoint)")
+    slide_dir = Path(slides)
+    found = (
         {slide_id_of(p): p for p in list_slides(slide_dir)}
         if slide_dir.is_dir()
         else {slide_id_of(slide_dir): slide_dir}
     )
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     net = None
-    if args.features:
-        if not args.checkpoint:
-            raise SystemExit("--features needs --checkpoint (a trained model)")
-        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-        net = load_model(args.checkpoint, args.model, kwargs)
-    sources = _files(args.scores or args.features, ".h5")
+    if features:
+        if not checkpoint:
+            raise ValueError("--features needs --checkpoint (a trained model)")
+        from needlework.models.checkpoint import load_model
+
+        net = load_model(checkpoint, model, model_kwargs)
     n = 0
-    for src in sources:
+    for src in _files(scores or features, ".h5"):  # type: ignore[arg-type]
         sid = src.stem.removesuffix("_scores")
-        if sid not in slides:
+        if sid not in found:
             print(f"warning: no slide for {src.name} (slide id {sid!r}); skipped")
             continue
         if net is not None:
+            import torch
+
+            from needlework.slides.heatmap_export import scores_from_model
+
             feats, coords, attrs = read_features(src)
             if coords is None:
-                raise SystemExit(f"{src}: features without coordinates cannot make a heatmap")
-            scores, name = scores_from_model(
+                raise ValueError(f"{src}: features without coordinates cannot make a heatmap")
+            values, name = scores_from_model(
                 net,
                 torch.from_numpy(feats),
                 torch.from_numpy(coords),
-                None if args.class_index == -1 else args.class_index,
+                None if class_index == -1 else class_index,
             )
-            attrs["model"] = args.model or Path(args.checkpoint).name
+            attrs["model"] = model or Path(checkpoint).name  # type: ignore[arg-type]
         else:
-            scores, coords, attrs = read_scores(src)
+            values, coords, attrs = read_scores(src)
             name = str(attrs.get("score_name", "score"))
         ps0 = patch_size_level0_of(attrs)
         if ps0 is None:
-            raise SystemExit(f"{src}: no patch_size_level0 (or CLAM patch_size + downsample) attribute")
+            raise ValueError(f"{src}: no patch_size_level0 (or CLAM patch_size + downsample) attribute")
         keep = {
             k: attrs[k]
             for k in ("level0_magnification", "target_magnification", "mpp_level0", "patch_size", "model")
             if k in attrs
         }
         written = export_heatmap(
-            scores,
+            values,
             coords,
             ps0,
-            slides[sid],
-            args.out,
-            sid,
-            formats,
-            name,
-            args.class_index,
-            args.normalisation,
-            args.cmap,
-            args.alpha,
-            args.max_side,
-            args.smooth,
-            args.top_k,
-            args.bottom_k,
-            None,
-            args.geojson_top_k,
-            args.geojson_min_score,
-            keep,
+            found[sid],
+            out_dir,
+            slide_id=sid,
+            formats=formats,
+            score_name=name,
+            class_index=class_index,
+            normalisation=normalisation,
+            cmap=cmap,
+            alpha=alpha,
+            max_side=max_side,
+            smooth_sigma=smooth_sigma,
+            top_k=top_k,
+            bottom_k=bottom_k,
+            geojson_top_k=geojson_top_k,
+            geojson_min_score=geojson_min_score,
+            attrs=keep,
         )
         print(f"{sid}: " + ", ".join(f"{k} → {v}" for k, v in written.items()))
         n += 1
-    return 0 if n else 1
+    return n

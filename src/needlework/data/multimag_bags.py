@@ -1,11 +1,11 @@
 """Multi-magnification slide bags for ZoomMIL, from one features folder per magnification.
 
 Each folder is the output of ``needlework slides tile`` + ``slides embed`` at one magnification (e.g.
-``10x_64px_0px_overlap/features_color_stats``, then 20×, then 40×; **lowest first**, same ``--patch-size``
-so that footprints nest). Per slide the level-0 coordinates of every level are matched by
-:func:`needlework.data.zoom_index.build_zoom_index`: a child belongs to the level-0 tile containing its
-centre, ``f²`` slots per parent per level, children lost to tissue filtering are zero rows with
-``mask_<l> = False``.
+``10x_64px_0px_overlap/features_color_stats``, then 20×, then 40×; **lowest first**, same
+``--tiling.patch_size`` so that footprints nest). Per slide the level-0 coordinates of every level are
+matched by :func:`needlework.data.zoom_index.build_zoom_index`: a child belongs to the level-0 tile
+containing its centre, ``f²`` slots per parent per level, children lost to tissue filtering are zero rows
+with ``mask_<l> = False``.
 
 Items (the keys of :class:`needlework.data.planted_bags.PlantedBags` multi-level items, batched by
 :func:`needlework.data.level_collate.pad_bag_levels`, read by ``zoommil``):

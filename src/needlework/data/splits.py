@@ -184,8 +184,22 @@ def create_splits(
     seed: int = 0,
     val: bool = True,
     label_frac: float = 1.0,
-    **columns: str,
+    case_column: str = "case_id",
+    slide_column: str = "slide_id",
+    label_column: str = "label",
 ) -> list[Path]:
-    """Read a label CSV, make patient-grouped stratified folds and save them; returns the split files."""
-    rows = read_label_csv(labels_csv, **columns)
+    """Read a label CSV, make patient-grouped stratified folds and save them; returns the split files.
+
+    Args:
+        labels_csv: slide-label CSV (columns ``case_id, slide_id, label``).
+        out_dir: folder for ``splits_<i>.csv``, ``splits_<i>_bool.csv``, ``splits_<i>_descriptor.csv``.
+        k: number of folds.
+        seed: seed of the fold assignment.
+        val: hold out a validation fold (``false``: train on k − 1 folds).
+        label_frac: fraction of the training slides to keep (learning curves).
+        case_column: patient column of the CSV.
+        slide_column: slide-id column of the CSV.
+        label_column: label column of the CSV.
+    """
+    rows = read_label_csv(labels_csv, case_column, slide_column, label_column)
     return save_splits(make_splits(rows, k, seed, val, label_frac), rows, out_dir)

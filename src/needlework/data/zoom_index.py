@@ -54,7 +54,7 @@ def level_factors(sizes: Sequence[int], names: Sequence[str] | None = None) -> l
         if lo % hi:
             raise ValueError(
                 f"tiles of {a} ({lo} level-0 px) and {b} ({hi} level-0 px) do not nest: the factor "
-                f"{lo / hi:g} is not an integer (tile every magnification with the same --patch-size)"
+                f"{lo / hi:g} is not an integer (tile every magnification with the same --tiling.patch_size)"
             )
         factors.append(lo // hi)
     return factors

@@ -31,7 +31,7 @@ def load_model(
         kwargs["num_classes"] = hparams["num_classes"]
     if not name:
         raise ValueError(
-            f"{checkpoint}: no model name in the checkpoint; pass --model NAME (and --model-kwargs)"
+            f"{checkpoint}: no model name in the checkpoint; pass --model NAME (and --model_kwargs)"
         )
     net = create_model(name, **kwargs)
     state = load_state_dict_file(checkpoint)

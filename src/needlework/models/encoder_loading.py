@@ -16,9 +16,7 @@ weights to offline users by encoder name.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,24 +28,9 @@ from needlework.io.checkpoints import (  # noqa: F401  (re-exported: the old hom
     load_state_dict_file,
     load_weights_into,
 )
+from needlework.io.local_checkpoints import LOCAL_CKPTS_ENV, local_checkpoints  # noqa: F401
 from needlework.models.encoders import IMAGENET_MEAN, IMAGENET_STD, TileEncoder
 from needlework.registry import create_encoder
-
-LOCAL_CKPTS_ENV = "NEEDLEWORK_LOCAL_CKPTS"
-
-
-def local_checkpoints(path: str | Path | None = None) -> dict[str, str]:
-    """The local-checkpoint registry ``{encoder name: weights path}`` (from ``path`` or
-    ``$NEEDLEWORK_LOCAL_CKPTS``)."""
-    path = path or os.environ.get(LOCAL_CKPTS_ENV)
-    if not path:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"local checkpoint registry not found: {path} (set by {LOCAL_CKPTS_ENV})")
-    data = json.loads(path.read_text())
-    base = path.parent
-    return {k: str((base / v) if not Path(v).is_absolute() else Path(v)) for k, v in data.items()}
 
 
 def _dry_dim(net: nn.Module, size: int) -> int:

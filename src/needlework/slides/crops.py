@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,26 @@ import numpy as np
 from scipy import ndimage
 
 from needlework.io.geojson import read_polygons
+from needlework.slides.jobs import make_tasks
 from needlework.slides.reader import SlideReader, open_slide
 from needlework.slides.status import save_png_atomic
 
 
 @dataclass
 class CropConfig:
-    """Crop side ``size`` (pixels at ``target_mpp``), O2I range ``(low, high)`` and sampling budget."""
+    """Crop side ``size`` (pixels at ``target_mpp``), O2I range ``(low, high)`` and sampling budget.
+
+    Attributes:
+        size: crop side in pixels at ``target_mpp``.
+        target_mpp: resolution of the crops, µm/px.
+        o2i: ``(low, high)`` range of the lesion area fraction of a positive crop (strict).
+        max_attempts: random positions tried per lesion component (and per negative slide).
+        max_per_component: positive crops per lesion component at most.
+        negatives_per_slide: negative crops per lesion-free slide.
+        max_mean_green: negatives with a larger mean green value are background and rejected.
+        lesion_classes: GeoJSON classification names of lesions (``None`` = every polygon).
+        seed: seed of the crop positions (and of ``balance``).
+    """
 
     size: int = 256
     target_mpp: float = 2.0
@@ -43,7 +57,7 @@ class CropConfig:
     max_per_component: int = 50
     negatives_per_slide: int = 100
     max_mean_green: float = 200.0
-    lesion_classes: tuple[str, ...] | None = None  # GeoJSON classification names (None = every polygon)
+    lesion_classes: tuple[str, ...] | None = None
     seed: int = 42
 
 
@@ -216,6 +230,51 @@ def balance_crops(
             idx = np.sort(rng.permutation(len(part))[:n])
             out += [part[i] for i in idx]
     return out
+
+
+def extract_crops(
+    slides: str | Path,
+    annotations_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    cfg: CropConfig | None = None,
+    mpp_csv: str | Path | None = None,
+    balance: bool = False,
+    reader: str = "auto",
+) -> list[dict[str, Any]]:
+    """Needle crops of a cohort: positives from the annotated slides, negatives from the slides with label
+    0 (or ``negative``); writes the PNGs and ``<out_dir>/crops.csv``, returns its rows.
+
+    Args:
+        slides: folder of slides.
+        annotations_dir: folder of ``<slide_id>.geojson`` lesion annotations.
+        labels_csv: slide-label CSV (``case_id, slide_id, label``); slides with label 0 give negatives.
+        out_dir: output folder (``positive/``, ``negative/``, ``crops.csv``).
+        cfg: crop size, resolution, O2I range and sampling budget.
+        mpp_csv: per-slide MPP override CSV (columns ``wsi,mpp`` or ``slide_id,mpp``).
+        balance: keep equal numbers of positives and negatives.
+        reader: slide reader (``auto``: OpenSlide, then tiffslide).
+    """
+    from needlework.data.splits import read_label_csv  # importing needlework.data loads torch
+
+    cfg = cfg or CropConfig()
+    labels = {r["slide_id"]: r for r in read_label_csv(labels_csv)}
+    tasks, _ = make_tasks(slides, mpp_csv)
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        if task.slide_id not in labels:
+            warnings.warn(f"{task.slide_id} is not in {labels_csv}; skipped", stacklevel=2)
+            continue
+        negative = str(labels[task.slide_id]["label"]) in ("0", "negative")
+        ann = Path(annotations_dir) / f"{task.slide_id}.geojson"
+        got = extract_slide_crops(
+            task.slide_path, out_dir, cfg, None if negative else ann, negative, task.mpp_override, reader
+        )
+        rows += [{**r, "case_id": labels[task.slide_id]["case_id"]} for r in got]
+    if balance:
+        rows = balance_crops(rows, cfg.seed, key=None)
+    write_crop_index(rows, Path(out_dir) / "crops.csv")
+    return rows
 
 
 def write_crop_index(rows: list[dict[str, Any]], path: str | Path) -> Path:

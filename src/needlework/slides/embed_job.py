@@ -13,9 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Literal
 
 from needlework.io.h5 import read_coords, validate_features_h5, validate_patches_h5, write_features_h5
 from needlework.slides.jobs import (
@@ -23,6 +21,7 @@ from needlework.slides.jobs import (
     _failed,
     _status,
     features_dir_name,
+    find_tiling_dir,
     make_tasks,
     patches_path,
     run_stage,
@@ -33,20 +32,46 @@ from needlework.slides.status import SlideLock, write_json_atomic
 
 @dataclass
 class EmbedJobConfig:
+    """Embedding job over the tiles of a tiling run (``needlework slides embed``).
+
+    Attributes:
+        job_dir: job folder of the tiling run.
+        tiling_dir_name: tiling folder under ``job_dir`` (like ``20x_256px_0px_overlap``); ``None`` = the
+            only one there.
+        encoder: registered name (``needlework list encoders``) or ``timm:NAME`` / ``torchvision:NAME`` /
+            ``hf:REPO``.
+        weights: local state-dict file for the encoder.
+        encoder_kwargs: encoder arguments, e.g. ``{"pretrained": false}``.
+        batch_size: tiles per forward pass.
+        num_workers: DataLoader worker processes reading tiles (0 = in this process).
+        precision: compute precision of the encoder.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        tile_size: resize tiles to this side for the encoder (default: the tiling patch size, or the
+            encoder's fixed input size).
+        reader: slide reader (``auto``: OpenSlide, then tiffslide).
+        num_threads: torch threads per process (default: torch's).
+        overwrite: redo slides that are already finished.
+        progress: show progress bars.
+    """
+
     job_dir: str
-    tiling_dir_name: str
+    tiling_dir_name: str | None = None
     encoder: str = "resnet50_trunc"
     weights: str | None = None
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
-    num_workers: int = 0
-    precision: str = "fp32"
+    num_workers: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
-    tile_size: int | None = None  # default: the tiling patch size (or the encoder's fixed input size)
-    reader: str = "auto"
+    tile_size: int | None = None
+    reader: Literal["auto", "openslide", "tiffslide"] = "auto"
     num_threads: int | None = None
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tiling_dir_name is None:
+            self.tiling_dir_name = find_tiling_dir(self.job_dir)
 
     @property
     def tiling_dir(self) -> Path:
@@ -62,10 +87,10 @@ def _embed_hash(cfg: EmbedJobConfig) -> str:
     return config_hash({k: getattr(cfg, k) for k in keys})
 
 
-_ENCODERS: dict[str, torch.nn.Module] = {}
+_ENCODERS: dict[str, Any] = {}
 
 
-def _encoder(cfg: EmbedJobConfig) -> torch.nn.Module:
+def _encoder(cfg: EmbedJobConfig) -> Any:  # a torch.nn.Module (torch is imported when embedding)
     """Build the encoder once per process (Ray workers and repeated slides reuse it)."""
     key = json.dumps([cfg.encoder, cfg.weights, cfg.encoder_kwargs], sort_keys=True)
     if key not in _ENCODERS:
@@ -80,6 +105,8 @@ def _threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
+    import torch
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -168,7 +195,7 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
         lock.release()
 
 
-def task_fixed_input(encoder: torch.nn.Module) -> bool:
+def task_fixed_input(encoder: Any) -> bool:
     """Encoders from timm / Hugging Face expect their training input size (ViTs); CNNs take any size."""
     return str(getattr(encoder, "name", "")).startswith(("timm:", "hf:"))
 
@@ -179,7 +206,15 @@ def run_embedding(
     skip_errors: bool = False,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Embed the tiles of every slide (after :func:`run_tiling`); returns the run summary."""
+    """Embed the tiles of every slide (after :func:`run_tiling`); returns the run summary.
+
+    Args:
+        slides: folder of slides, or a list of slide files.
+        cfg: the job (tiling folder, encoder, batching, device).
+        skip_errors: continue past failing slides and list them at the end (default: stop at the first).
+        ray_address: shard the slides over Ray (``local`` or a cluster address); GPU workers unless
+            ``device`` is ``cpu``.
+    """
     tasks, _ = make_tasks(slides)
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
     return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address)

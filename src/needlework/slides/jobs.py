@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,14 +64,28 @@ class SlideTask:
 
 @dataclass
 class TileJobConfig:
+    """Tiling job over a folder of slides (``needlework slides tile``).
+
+    Attributes:
+        job_dir: output folder of the job (one ``<mag>x_<ps>px_<ov>px_overlap/`` folder per tiling).
+        tiling: target resolution, tile size, overlap and minimum tissue fraction.
+        tissue: tissue segmentation parameters.
+        reader: slide reader (``auto``: OpenSlide, then tiffslide).
+        tissue_geojson_dir: folder of ``<slide_id>.geojson`` tissue polygons that replace the
+            segmentation (e.g. the ``contours_geojson`` of an earlier run, edited in QuPath).
+        overwrite: redo slides that are already finished.
+        progress: show progress bars.
+        qc_max_side: longest side of the QC picture ``visualization/<slide_id>.png``.
+    """
+
     job_dir: str
     tiling: TilingConfig = field(default_factory=TilingConfig)
     tissue: TissueParams = field(default_factory=TissueParams)
-    reader: str = "auto"
-    tissue_geojson_dir: str | None = None  # <slide_id>.geojson tissue polygons replace the segmentation
+    reader: Literal["auto", "openslide", "tiffslide"] = "auto"
+    tissue_geojson_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
-    qc_max_side: int = 1024  # longest side of the QC picture (visualization/<slide_id>.png)
+    qc_max_side: int = 1024
 
     @property
     def tiling_dir(self) -> Path:
@@ -195,7 +209,7 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
             if n == 0:
                 warnings.warn(
                     f"{task.slide_id}: no tissue found (0 tiles); check "
-                    f"{tdir / 'visualization' / (task.slide_id + '.png')} and the --seg-* options",
+                    f"{tdir / 'visualization' / (task.slide_id + '.png')} and the --tissue.* options",
                     stacklevel=1,
                 )
                 notes.append("no tissue found")
@@ -261,7 +275,7 @@ def run_stage(
     if failure is not None and not skip_errors:
         raise SlideJobError(
             f"{stage} failed on slide {failure['slide_id']} ({failure['slide_path']}): {failure['error']}\n"
-            "Fix or remove that slide, or rerun with --skip-errors to continue past failing slides "
+            "Fix or remove that slide, or rerun with --skip_errors true to continue past failing slides "
             "(finished slides are skipped on the next run)."
         )
     return summary
@@ -278,7 +292,15 @@ def run_tiling(
     skip_errors: bool = False,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Tile every slide of a folder (or list) into ``cfg.job_dir``; returns the run summary."""
+    """Tile every slide of a folder (or list) into ``cfg.job_dir``; returns the run summary.
+
+    Args:
+        slides: folder of slides, or a list of slide files.
+        cfg: the job (output folder, tiling, tissue segmentation).
+        mpp_csv: per-slide MPP override CSV (columns ``wsi,mpp`` or ``slide_id,mpp``).
+        skip_errors: continue past failing slides and list them at the end (default: stop at the first).
+        ray_address: shard the slides over Ray (``local`` or a cluster address).
+    """
     tasks, unknown = make_tasks(slides, mpp_csv)
     state_dir = cfg.tiling_dir / "wsi_states" / "tile"
     write_json_atomic(cfg.tiling_dir / "config_tile.json", _jsonable(cfg))
@@ -294,7 +316,7 @@ def find_tiling_dir(job_dir: str | Path) -> str:
         raise FileNotFoundError(
             f"{job_dir}: expected one tiling folder (like 20x_256px_0px_overlap/patches), "
             f"found {found or 'none'}; "
-            "run `needlework slides tile` first or pass --tiling NAME"
+            "run `needlework slides tile` first or pass --tiling_dir_name NAME"
         )
     return found[0]
 

@@ -130,7 +130,7 @@ def resolve_mpp(
         raise MissingMPPError(
             f"{slide_name}: no microns-per-pixel in its metadata (no openslide.mpp-x, vendor MPP key, "
             "TIFF resolution tags or objective power). Give it in an MPP override CSV with columns "
-            "'wsi,mpp' (wsi = file name with extension) and pass it with --mpp-csv (Python: mpp_csv=...)."
+            "'wsi,mpp' (wsi = file name with extension) and pass it with --mpp_csv (Python: mpp_csv=...)."
         )
     x, y, source = found
     if abs(x - y) > 0.01 * max(x, y):
@@ -140,7 +140,7 @@ def resolve_mpp(
     if not allow_implausible and not lo <= mpp <= hi:
         raise MissingMPPError(
             f"{slide_name}: implausible MPP {mpp:g} µm/px from {source} (expected {lo}–{hi}). "
-            "Give the true value in an MPP override CSV (columns wsi,mpp) with --mpp-csv."
+            "Give the true value in an MPP override CSV (columns wsi,mpp) with --mpp_csv."
         )
     return MPPInfo(mpp, source, objective or mpp_to_magnification(mpp))
 

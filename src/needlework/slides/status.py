@@ -41,14 +41,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def save_png_atomic(path: str | Path, image: np.ndarray) -> Path:
-    """Save a uint8 image (``(H, W)`` or ``(H, W, 3)``) as PNG under a temporary name, then rename."""
+def save_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 3) -> Path:
+    """Save a uint8 image (``(H, W)`` or ``(H, W, 3)``) as PNG under a temporary name, then rename.
+
+    zlib level 3 instead of Pillow's 6: about twice as fast on QC thumbnails for files ~15 % larger.
+    """
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG")
+    Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
     os.replace(tmp, path)
     return path
 

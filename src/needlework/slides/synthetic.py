@@ -251,6 +251,19 @@ def make_synthetic_cohort(
     """Write a cohort: ``slides/*.tif``, ``annotations/*.geojson``, ``labels.csv`` (``case_id, slide_id,
     label``) and ``mpp_overrides.csv`` (``wsi, mpp``) for the last ``no_mpp_slides`` slides, which carry no
     resolution tags. Label 1 = the slide has lesions. Returns the paths and per-slide metadata.
+
+    Args:
+        out_dir: output folder.
+        n_slides: number of slides.
+        width: slide width in level-0 pixels.
+        height: slide height in level-0 pixels.
+        seed: seed of the cohort (slide ``i`` uses ``seed · 100003 + i``).
+        positive_fraction: fraction of slides with lesions (label 1).
+        slides_per_patient: consecutive slides sharing a ``case_id``.
+        n_lesions: lesions per positive slide.
+        lesion_radius: ``(min, max)`` lesion radius in level-0 pixels.
+        no_mpp_slides: the last slides written without resolution tags (listed in ``mpp_overrides.csv``).
+        mpp: level-0 µm/px of the slides.
     """
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)

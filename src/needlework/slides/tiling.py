@@ -34,8 +34,12 @@ SEGMENTER = "saturation-otsu"
 class TilingConfig:
     """Where and how to cut tiles. Give ``target_magnification`` or ``target_mpp`` (mpp wins if both).
 
-    ``patch_size`` and ``overlap`` are pixels at the target resolution; ``min_tissue_fraction`` is the
-    fraction of a tile's area that must be tissue for the tile to be kept.
+    Attributes:
+        target_magnification: target magnification (µm/px ≈ 10 / magnification).
+        target_mpp: target µm/px (overrides ``target_magnification``).
+        patch_size: tile side in pixels at the target resolution.
+        overlap: overlap of neighbouring tiles in pixels at the target resolution.
+        min_tissue_fraction: fraction of a tile's area that must be tissue for the tile to be kept.
     """
 
     target_magnification: float | None = 20.0

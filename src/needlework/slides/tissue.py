@@ -5,6 +5,11 @@ threshold is Otsu's on the blurred saturation, but never below ``min_saturation`
 without tissue Otsu would split noise, and a silent "tissue everywhere" is as bad as none.
 Sizes are in micrometres so the parameters mean the same at any thumbnail resolution.
 
+The image operations are OpenCV's (median blur, morphology, connected components, contours): importing
+scipy and scikit-image for them costs more than segmenting a slide, and tiling is meant to start fast.
+They reproduce the scipy.ndimage definitions exactly, border handling included (the median filter through
+8-bit images: the median commutes with Otsu's binning and with the threshold, both monotone).
+
 Example:
     >>> import numpy as np
     >>> thumb = np.full((64, 64, 3), 240, np.uint8); thumb[16:48, 16:48] = (200, 120, 170)
@@ -19,15 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
 from needlework.io.geojson import feature_collection, polygon_feature, read_polygons
 
 
 @dataclass
 class TissueParams:
-    """Segmentation parameters (all exposed on the command line as ``--seg-*``).
+    """Segmentation parameters (on the command line ``--tissue.<name>``, e.g. ``--tissue.seg_mpp 2``).
 
     Attributes:
         seg_mpp: thumbnail resolution in µm/px (longest side capped at ``max_side``).
@@ -36,7 +41,8 @@ class TissueParams:
         threshold: fixed saturation threshold in [0, 1]; ``None`` = Otsu.
         min_saturation: lower bound on the threshold (keeps white/grey background out).
         dark_value: pixels whose max(R, G, B) is below this are not tissue (unscanned/black areas).
-        close_um, open_um: radii of the morphological closing / opening (µm; 0 = none).
+        close_um: radius of the morphological closing (µm; 0 = none).
+        open_um: radius of the morphological opening (µm; 0 = none).
         fill_holes: fill holes in the tissue.
         max_hole_area_um2: fill only holes smaller than this (``None`` = all holes).
         min_area_um2: drop tissue pieces smaller than this.
@@ -59,20 +65,39 @@ class TissueParams:
 
 
 def _disk(radius: int) -> np.ndarray:
+    """Structuring element: the pixels within ``radius`` of the centre, ``(2r+1, 2r+1)`` uint8."""
     y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return x * x + y * y <= radius * radius
+    return (x * x + y * y <= radius * radius).astype(np.uint8)
+
+
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def _erode(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Binary erosion, outside the image = background (``scipy.ndimage.binary_erosion``)."""
+    return cv2.erode(mask, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _dilate(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Binary dilation, outside the image = background (``scipy.ndimage.binary_dilation``)."""
+    return cv2.dilate(mask, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation ``(max − min) / max`` in [0, 1] of an RGB uint8 image ``(H, W, 3)``."""
-    rgb = rgb.astype(np.float32)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of ``values`` in [0, 1] (maximises the between-class variance)."""
     hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    return _otsu(hist, edges)
+
+
+def _otsu(hist: np.ndarray, edges: np.ndarray) -> float:
     hist = hist.astype(np.float64)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
@@ -84,6 +109,22 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def _median_u8(values: np.ndarray, size: int) -> np.ndarray:
+    """``size × size`` median (odd ``size``) of a uint8 image, mirrored at the border (scipy's
+    ``median_filter`` mode ``reflect``)."""
+    half = size // 2
+    padded = np.pad(values, half, mode="symmetric")
+    return cv2.medianBlur(padded, size)[half : half + values.shape[0], half : half + values.shape[1]]
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``(H, W)`` int32 (0 = outside ``mask``) and the pixel count of each label."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity)
+    sizes = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    sizes[0] = 0
+    return labels, sizes
+
+
 def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = None) -> np.ndarray:
     """Boolean tissue mask ``(H, W)`` of an RGB uint8 thumbnail ``(H, W, 3)`` at ``mpp`` µm/px."""
     p = params or TissueParams()
@@ -92,34 +133,51 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
     sat = saturation(thumb)
     width = round(p.median_um / mpp)
     if width >= 2:
-        sat = ndimage.median_filter(sat, size=width | 1)
-    thr = p.threshold if p.threshold is not None else max(otsu_threshold(sat), p.min_saturation)
-    mask = (sat > thr) & (thumb.max(axis=2) >= p.dark_value)
+        # The median commutes with monotone maps, so the float median is never needed: Otsu's histogram
+        # is that of the median of the bin indices, and median(sat) > thr is the median of (sat > thr).
+        size = width | 1
+        thr = p.threshold
+        if thr is None:
+            edges = np.linspace(0.0, 1.0, 257)
+            bins = (np.searchsorted(edges, sat, side="right") - 1).clip(0, 255).astype(np.uint8)
+            hist = np.bincount(_median_u8(bins, size).ravel(), minlength=256)
+            thr = max(_otsu(hist, edges), p.min_saturation)
+        above = _median_u8((sat > thr).astype(np.uint8), size).astype(bool)
+    else:
+        thr = p.threshold if p.threshold is not None else max(otsu_threshold(sat), p.min_saturation)
+        above = sat > thr
+    bright = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2])
+    mask = (above & (bright >= p.dark_value)).astype(np.uint8)
     r_close, r_open = round(p.close_um / mpp), round(p.open_um / mpp)
     if r_close > 0:
         # Pad so that closing does not erode tissue touching the border.
+        disk = _disk(r_close)
         padded = np.pad(mask, r_close, mode="edge")
-        mask = ndimage.binary_closing(padded, _disk(r_close))[r_close:-r_close, r_close:-r_close]
+        mask = _erode(_dilate(padded, disk), disk)[r_close:-r_close, r_close:-r_close]
     if r_open > 0:
-        mask = ndimage.binary_opening(mask, _disk(r_open))
+        disk = _disk(r_open)
+        mask = _dilate(_erode(mask, disk), disk)
     px_area = mpp * mpp
     if p.fill_holes:
-        filled = ndimage.binary_fill_holes(mask)
-        if p.max_hole_area_um2 is None:
-            mask = filled
-        else:
-            holes, n = ndimage.label(filled & ~mask)
-            sizes = np.bincount(holes.ravel(), minlength=n + 1) * px_area
-            small = sizes < p.max_hole_area_um2
-            small[0] = False
-            mask = mask | small[holes]
+        # Holes: background pieces (4-connected) that do not touch the border.
+        labels, sizes = _components(1 - mask, 4)
+        hole = np.ones(len(sizes), bool)
+        hole[0] = False
+        hole[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
+        if p.max_hole_area_um2 is not None:
+            hole &= sizes * px_area < p.max_hole_area_um2
+        mask = mask | hole[labels]
     if p.min_area_um2 > 0:
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-        sizes = np.bincount(labels.ravel(), minlength=n + 1) * px_area
-        keep = sizes >= p.min_area_um2
+        labels, sizes = _components(mask.astype(np.uint8), 8)
+        keep = sizes * px_area >= p.min_area_um2
         keep[0] = False
-        mask = keep[labels]
-    return mask
+        return keep[labels]
+    return mask.astype(bool)
+
+
+def _dedupe(ring: np.ndarray) -> np.ndarray:
+    keep = np.any(ring != np.roll(ring, 1, axis=0), axis=1)
+    return ring[keep] if keep.any() else ring[:1]
 
 
 def mask_to_geojson(
@@ -127,22 +185,58 @@ def mask_to_geojson(
 ) -> dict[str, Any]:
     """Tissue contours as QuPath ``annotation`` polygons in level-0 pixels.
 
-    Outer boundaries and hole boundaries are written as separate polygons; re-import with
-    :func:`mask_from_geojson`, which fills them even-odd so holes stay holes.
+    The polygons follow the pixel edges (pixel ``(r, c)`` covers level-0 ``[c·dx, (c+1)·dx)``), simplified
+    by Douglas-Peucker with ``tolerance`` thumbnail pixels. Outer boundaries and hole boundaries are
+    written as separate polygons; re-import with :func:`mask_from_geojson`, which fills them even-odd so
+    holes stay holes (exactly the input mask when ``tolerance=0``).
     """
-    from skimage.measure import approximate_polygon, find_contours
-
     dx, dy = downsample
-    padded = np.pad(mask.astype(np.float32), 1)
+    # Contours of the mask doubled in size run through the first/last half of each border pixel; the
+    # half-pixel index i maps to the pixel corner (i + 1) // 2. The 1-pixel pad closes border contours.
+    padded = np.pad(mask.astype(np.uint8), 1)
+    up = np.repeat(np.repeat(padded, 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     feats = []
-    for contour in find_contours(padded, 0.5):
-        contour = approximate_polygon(contour, tolerance)
-        if len(contour) < 3:
+    for contour in contours:
+        ring = _dedupe((contour.reshape(-1, 2) + 1) // 2 - 1)  # (x, y) pixel corners of the mask
+        if tolerance > 0 and len(ring) >= 3:
+            ring = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), tolerance, True).reshape(-1, 2)
+        if len(ring) < 3:
             continue
-        # contour is (row, col) of the padded array; pixel (r, c) covers level-0 [c·dx, (c+1)·dx).
-        ring = [[(c - 1 + 0.5) * dx, (r - 1 + 0.5) * dy] for r, c in contour]
-        feats.append(polygon_feature([ring], "annotation", "Tissue", (0, 160, 0)))
+        feats.append(
+            polygon_feature([(ring * [dx, dy]).tolist()], "annotation", "Tissue", (0, 160, 0))
+        )
     return feature_collection(feats)
+
+
+def rasterise_rings(
+    rings: list[np.ndarray], shape: tuple[int, int], downsample: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Even-odd fill of polygon rings (``(P, 2)`` level-0 ``(x, y)``) on a grid ``shape`` ``(H, W)`` with
+    level-0 ``downsample`` ``(dx, dy)``: a pixel is inside when its centre is (holes stay holes, and a
+    ring drawn twice cancels)."""
+    h, w = shape
+    dx, dy = downsample
+    toggles = np.zeros((h, w + 1), np.uint8)  # parity is all that counts: uint8 wrap-around is fine
+    for ring in rings:
+        ring = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+        if len(ring) < 2:
+            continue
+        x0, y0 = ring[:, 0] / dx, ring[:, 1] / dy
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        # Edge e crosses the centre line y = r + 0.5 of rows min(y) <= r + 0.5 < max(y) (half-open).
+        first = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), 0, h).astype(np.int64)
+        stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), 0, h).astype(np.int64)
+        count = np.where(y0 != y1, stop - first, 0)
+        if not count.sum():
+            continue
+        edge = np.repeat(np.arange(len(ring)), count)
+        rows = first[edge] + (np.arange(len(edge)) - np.repeat(np.cumsum(count) - count, count))
+        t = (rows + 0.5 - y0[edge]) / (y1[edge] - y0[edge])
+        xs = x0[edge] + t * (x1[edge] - x0[edge])
+        cols = np.clip(np.ceil(xs - 0.5), 0, w).astype(np.int64)  # first pixel whose centre is past x
+        np.add.at(toggles, (rows, cols), 1)
+    return (np.cumsum(toggles, axis=1, dtype=np.uint8)[:, :w] & 1).astype(bool)
 
 
 def mask_from_geojson(
@@ -150,17 +244,7 @@ def mask_from_geojson(
 ) -> np.ndarray:
     """Rasterise the polygons of a GeoJSON file (e.g. contours edited in QuPath) onto a thumbnail grid
     of ``shape`` ``(H, W)`` with level-0 ``downsample`` ``(dx, dy)``; even-odd fill (holes stay holes)."""
-    from skimage.draw import polygon as draw_polygon
-
-    mask = np.zeros(shape, bool)
-    dx, dy = downsample
-    for rings in read_polygons(path):
-        for ring in rings:
-            part = np.zeros(shape, bool)
-            rr, cc = draw_polygon(ring[:, 1] / dy - 0.5, ring[:, 0] / dx - 0.5, shape)
-            part[rr, cc] = True
-            mask ^= part
-    return mask
+    return rasterise_rings([ring for rings in read_polygons(path) for ring in rings], shape, downsample)
 
 
 def qc_image(
@@ -171,8 +255,9 @@ def qc_image(
 ) -> np.ndarray:
     """Thumbnail with the tissue contour (green) and optional tile boxes (blue, level-0 xyxy)."""
     out = thumb.copy()
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=1)
-    out[ndimage.binary_dilation(edge)] = (0, 170, 0)
+    m = mask.astype(np.uint8)
+    edge = m & (1 - _erode(m, _CROSS))
+    out[_dilate(edge, _CROSS).astype(bool)] = (0, 170, 0)
     if boxes is not None and len(boxes):
         dx, dy = downsample
         h, w = mask.shape
