@@ -1,8 +1,13 @@
 """Accuracy against object-to-image ratio (O2I): every method on needle-MNIST, each under a wall-clock budget.
 
-Each (method, canvas, seed) trains with ``needlework fit --config needle_mnist/<method>`` at that canvas,
-stopped by ``--trainer.max_time``; the best validation checkpoint (the last one when no validation ran in
-the budget) is tested on the 400 held-out test images, measuring accuracy, AUROC and localisation AP (the
+Each (method, canvas, seed) trains with ``needlework fit --config needle_mnist/<method>`` at that canvas
+under a wall-clock budget. The default protocol (``--schedule time``) fits the curriculum to the budget:
+``--trainer.max_time`` with stages in fractions of it (``TIME_CURRICULUM``: canvas 64, 128, 256, then the
+target, each capped at the target) and ``--model.init_args.scheduler cosine_time`` (the learning rate
+reaches zero when the time is up), epochs of 400 fresh images, no validation; the final weights are
+tested. (``--schedule epochs`` keeps the config's epoch curriculum and validation, cut off by
+``max_time``: on a slow machine the run then never reaches the target canvas.) The checkpoint is tested
+on the 400 held-out test images, measuring accuracy, AUROC and localisation AP (the
 needle counts as found when the attention maximum, or for the dense CNN the saliency maximum, falls in its
 box; confidence = P(needle)). Rows go to ``benchmarks/results/o2i_sweep.json`` after every run (atomic
 rename), so an interrupted sweep resumes where it stopped; ``docs/images/o2i_sweep.png`` plots test
@@ -40,9 +45,13 @@ POOLINGS = ("max", "mean", "logsumexp", "attention")
 RFS = {9: ([1, 1, 0, 0], [1, 1, 1, 1]), 17: ([1, 1, 1, 0], [1, 1, 1, 1]), 33: ([1, 1, 1, 1], [1, 1, 1, 1]),
        77: ([2, 2, 2, 2], [2, 2, 2, 2])}  # fmt: skip
 DIGIT = 28
-SCHEMA = ("study", "method", "config", "canvas", "o2i", "seed", "minutes", "test_acc", "test_auroc", "loc_ap",
-          "train_seconds", "steps", "images_seen", "peak_mem_mb", "device", "checkpoint",
-          "epochs")  # fmt: skip
+# fractions of the budget per curriculum stage (the recipe of IPS at canvas 512, 0.96 in 15 CPU minutes)
+TIME_CURRICULUM = [{"time": 0.08, "canvas": 64}, {"time": 0.22, "canvas": 128}, {"time": 0.35, "canvas": 256},
+                   {"time": 0.35}]  # fmt: skip
+TIME_EPOCH_SIZE = 400  # fresh images per epoch: the granularity of stage switches
+SCHEMA = ("study", "method", "config", "canvas", "o2i", "seed", "minutes", "schedule", "test_acc",
+          "test_auroc", "loc_ap", "train_seconds", "steps", "images_seen", "peak_mem_mb", "device",
+          "checkpoint", "epochs")  # fmt: skip
 
 
 def runs_for(study: str, methods: list[str], canvases: list[int], seeds: list[int]) -> list[dict[str, Any]]:
@@ -70,7 +79,26 @@ def runs_for(study: str, methods: list[str], canvases: list[int], seeds: list[in
 
 
 def key(row: dict[str, Any]) -> tuple:
-    return (row["study"], row["method"], row["canvas"], row["seed"], row["minutes"])
+    return (row["study"], row["method"], row["canvas"], row["seed"], row["minutes"],
+            row.get("schedule", "epochs"))  # fmt: skip
+
+
+def schedule_overrides(schedule: str, config: str) -> list[str]:
+    """CLI overrides of the ``time`` protocol (none for ``epochs``)."""
+    if schedule == "epochs":
+        return []
+    import yaml
+
+    from needlework.configs import resolve_config
+
+    cfg = yaml.safe_load(resolve_config(config).read_text())
+    train_kwargs = {**cfg["data"]["init_args"].get("train_kwargs", {}), "size": TIME_EPOCH_SIZE}
+    sched = cfg["model"]["init_args"].get("scheduler")
+    return ["--data.init_args.train_schedule", json.dumps(TIME_CURRICULUM),
+            "--data.init_args.train_kwargs", json.dumps(train_kwargs),
+            "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+            "--checkpoint.monitor", "null", "--checkpoint.save_on_train_epoch_end", "true",
+            *(["--model.init_args.scheduler", "cosine_time"] if sched == "cosine" else [])]  # fmt: skip
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -109,12 +137,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             "--trainer.accelerator", job["device"], "--trainer.devices", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--test_after_fit", "false", "--runs_dir", str(run_dir.parent), "--run_name", run_dir.name,
-            *job["overrides"]]  # fmt: skip
+            *schedule_overrides(job["schedule"], job["config"]), *job["overrides"]]  # fmt: skip
+    print("needlework " + " ".join(args), file=sys.stderr, flush=True)
     fit_main(args)
     version = sorted(p for p in run_dir.iterdir() if (p / "metrics.json").exists())[-1]
     fit = json.loads((version / "metrics.json").read_text())["fit"]
     ckpt, which = fit.get("best_checkpoint"), "best"
-    if not ckpt or not Path(ckpt).exists():
+    if job["schedule"] == "time" or not ckpt or not Path(ckpt).exists():
         ckpt, which = str(version / "checkpoints" / "last.ckpt"), "last"
     row = evaluate(version / "config.yaml", ckpt, job)
     batch = int(row.pop("batch_size"))
@@ -179,7 +208,8 @@ def run_job(job: dict[str, Any], log_dir: Path) -> dict[str, Any] | None:
         return None
     row = json.loads(lines[-1][4:])
     o2i = DIGIT**2 / job["canvas"] ** 2
-    row = {**{k: job[k] for k in ("study", "method", "config", "canvas", "seed", "minutes", "device")},
+    row = {**{k: job[k] for k in ("study", "method", "config", "canvas", "seed", "minutes", "schedule",
+                                  "device")},
            "o2i": round(o2i, 6), **row, "wall_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     print(f"  {row['method']:<14} canvas {row['canvas']:>5}  O2I {o2i:.3%}  acc {row['test_acc']:.3f}  "
           f"AUROC {row['test_auroc']:.3f}  locAP {row['loc_ap']:.3f}  {row['steps']} steps  "
@@ -239,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=3.0, help="training budget per run (wall clock)")
     p.add_argument("--minutes-at", default="", help="per-canvas budgets, e.g. 512=15,1024=15")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--schedule", default="time", choices=["time", "epochs"],
+                   help="curriculum in fractions of the budget (default) or the config's epochs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
@@ -273,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for job in runs_for(args.study, args.methods, canvases, args.seeds):
         job.update(minutes=args.budgets.get(job["canvas"], args.minutes), device=args.device,
-                   threads=threads, runs_dir=str(args.runs_dir))  # fmt: skip
+                   threads=threads, runs_dir=str(args.runs_dir), schedule=args.schedule)  # fmt: skip
         for split, size in (("test", args.test_size), ("val", args.val_size)):
             if size is not None:
                 flag = f"--data.init_args.{split}_kwargs"

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+# Protocol --schedule time (the default): the curriculum and the cosine learning rate in fractions of the budget.
 # the headline: the selection method with the recipe that learns in the tiny regime, and the dense CNN,
 # under the same 15-minute budget at O2I 0.30 % and 0.075 %
 $PY benchmarks/o2i_sweep.py --methods ips dense --canvas 512 1024 --minutes 15 --jobs 2

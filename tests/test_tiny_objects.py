@@ -151,6 +151,10 @@ def test_o2i_sweep_micro_grid_writes_rows_and_figure_and_resumes(tmp_path):
         assert row["o2i"] == pytest.approx(28**2 / row["canvas"] ** 2, rel=1e-3)
         assert 0 <= row["test_acc"] <= 1 and row["n_test"] == 8 and row["device"] == "cpu"
         assert row["images_seen"] == row["steps"] * 16 and row["peak_mem_mb"] > 50
+        # the time protocol: the final weights after the time-cosine, a curriculum within the budget
+        assert row["schedule"] == "time" and row["checkpoint"] == "last" and row["steps"] > 0
+    log = (tmp_path / "runs" / "logs" / "o2i_ips_c128_s0.log").read_text()
+    assert "--model.init_args.scheduler cosine_time" in log and "curriculum: from epoch" in log
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 runs to go" in again.stdout  # a finished sweep resumes to nothing
 

@@ -67,9 +67,10 @@ class NeedleworkCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         ckpt_path = "best" if ckpt is not None and ckpt.best_model_path else None
         if ckpt_path is None:
-            # e.g. --trainer.max_epochs below check_val_every_n_epoch: say which weights the test numbers are of
-            print(f"needlework fit: no best checkpoint (no validation in {self.trainer.current_epoch} epochs with "
-                  f"check_val_every_n_epoch={self.trainer.check_val_every_n_epoch}); testing the final weights",
+            # e.g. max_epochs below check_val_every_n_epoch: say which weights the test numbers are of
+            t = self.trainer
+            print(f"needlework fit: no best checkpoint (no validation in {t.current_epoch} epochs with "
+                  f"check_val_every_n_epoch={t.check_val_every_n_epoch}); testing the final weights",
                   file=sys.stderr)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 import needlework.data  # noqa: F401  (registers the built-in datasets and collates)
@@ -47,6 +49,9 @@ class DatasetDataModule(L.LightningDataModule):
             one until training ends (e.g. ``[{"epochs": 20, "canvas": 64}, {"epochs": 10}]``: small
             canvases first, at a quarter of the cost per image). A stage ``canvas`` larger than the
             dataset's own ``canvas`` is capped at it, so one curriculum serves every target size.
+            Under a wall-clock budget (``trainer.max_time``) stages may instead give ``{"time": f}``,
+            the fraction of the budget they run for (e.g. ``[{"time": 0.3, "canvas": 64}, {"time": 0.7}]``):
+            the curriculum then fits any machine's speed. The stage is chosen when each epoch starts.
         resample_each_epoch: draw a fresh training set every epoch (generated datasets: ``seed`` is
             derived from the epoch), so a long run never sees the same image twice.
         transforms: sample transforms applied in order to every item of every split, each
@@ -75,11 +80,7 @@ class DatasetDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for i, stage in enumerate(train_schedule or []):
-            if not isinstance(stage, dict) or not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
-                raise ValueError(
-                    f"train_schedule[{i}] must be a dict with a positive integer 'epochs', got {stage!r}"
-                )
+        self._schedule_unit = _check_schedule(train_schedule)
         self.collate_fn = get_collate(collate)
         self.transforms = [create_transform(spec) for spec in transforms or []]
         self._datasets: dict[str, Dataset] = {}
@@ -120,18 +121,26 @@ class DatasetDataModule(L.LightningDataModule):
             )
         epoch = trainer.current_epoch if trainer is not None else 0
         base = {**(h.dataset_kwargs or {}), **(h.train_kwargs or {})}
-        stage = self.train_stage(epoch)
+        if self._schedule_unit == "time":
+            stage = self.train_stage_at(_budget_fraction(trainer))
+        else:
+            stage = self.train_stage(epoch)
         if isinstance(stage.get("canvas"), int) and isinstance(base.get("canvas"), int):
             stage["canvas"] = min(stage["canvas"], base["canvas"])  # a curriculum never exceeds the target
         kwargs = {**base, **stage}
         if h.resample_each_epoch:
             kwargs["seed"] = int(kwargs.get("seed", 0)) * 1_000_003 + epoch + 1
         self._datasets["train"] = self._wrap(create_dataset(h.dataset, split="train", **kwargs))
+        if h.train_schedule and stage != getattr(self, "_last_stage", None):
+            rank_zero_info(f"curriculum: from epoch {epoch}, training with {stage or 'the base settings'}")
+        self._last_stage = stage
         return self._loader("train", shuffle=True)
 
     def train_stage(self, epoch: int) -> dict[str, Any]:
         """Training-set overrides of the curriculum stage that ``epoch`` falls in ({} without one)."""
         stages = self.hparams.train_schedule or []
+        if self._schedule_unit == "time":
+            raise ValueError("this curriculum is in fractions of the time budget: use train_stage_at()")
         for stage in stages:
             if epoch < stage["epochs"]:
                 return {k: v for k, v in stage.items() if k != "epochs"}
@@ -146,3 +155,49 @@ class DatasetDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def train_stage_at(self, fraction: float) -> dict[str, Any]:
+        """Training-set overrides of the time-budget curriculum stage at ``fraction`` of the budget."""
+        stages = self.hparams.train_schedule or []
+        start = 0.0
+        for stage in stages:
+            start += stage["time"]
+            if fraction < start:
+                return {k: v for k, v in stage.items() if k != "time"}
+        return {k: v for k, v in stages[-1].items() if k != "time"} if stages else {}
+
+
+def _check_schedule(stages: list[dict[str, Any]] | None) -> str:
+    """``"epochs"`` or ``"time"``: the unit of a valid curriculum (clear errors otherwise)."""
+    units = set()
+    for i, stage in enumerate(stages or []):
+        epochs, frac = (stage.get("epochs"), stage.get("time")) if isinstance(stage, dict) else (None, None)
+        if isinstance(epochs, int) and epochs >= 1:
+            units.add("epochs")
+        elif isinstance(frac, (int, float)) and 0 < frac <= 1:
+            units.add("time")
+        else:
+            raise ValueError(
+                f"train_schedule[{i}] must be a dict with a positive integer 'epochs' or a 'time' fraction "
+                f"of the budget in (0, 1], got {stage!r}"
+            )
+        if "epochs" in stage and "time" in stage:
+            raise ValueError(f"train_schedule[{i}] gives both 'epochs' and 'time'; give one")
+    if len(units) > 1:
+        raise ValueError("train_schedule mixes 'epochs' and 'time' stages; use one unit for every stage")
+    if units == {"time"} and sum(s["time"] for s in stages) > 1 + 1e-9:  # type: ignore[union-attr]
+        raise ValueError("train_schedule 'time' fractions add up to more than 1 (the whole budget)")
+    return units.pop() if units else "epochs"
+
+
+def _budget_fraction(trainer: Any) -> float:
+    """Elapsed fraction of the ``trainer.max_time`` budget (the Timer callback Lightning adds for it)."""
+    timer = next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        raise ValueError(
+            "data.train_schedule has 'time' stages (fractions of the budget) but the trainer has no budget: "
+            "set trainer.max_time (e.g. --trainer.max_time 00:00:15:00) or give the stages in 'epochs'"
+        )
+    elapsed = timer.time_elapsed()
+    return elapsed / max(elapsed + remaining, 1e-9)

@@ -7,10 +7,12 @@ losses). Metrics are logged as ``{train,val,test}/{loss,acc,bacc,auroc,f1}``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 import needlework.models  # noqa: F401  (registers the built-in models)
 from needlework.models.base import NeedleworkModel, route_batch
@@ -36,8 +38,9 @@ class ClassificationTask(L.LightningModule):
         label_key: batch key of the target.
         optimizer: ``adam``, ``adamw``, ``sgd`` or ``rmsprop``.
         lr, weight_decay, momentum, eps: optimiser settings (momentum for SGD/RMSprop).
-        scheduler: ``None``, ``"cosine"`` (per step, to zero at the last step) or ``"multistep"``
-            (``milestones`` in epochs, ``gamma``).
+        scheduler: ``None``, ``"cosine"`` (per step, to zero at the last step), ``"cosine_time"``
+            (cosine over the wall-clock budget ``trainer.max_time``: zero when the time is up, whatever
+            the machine's speed) or ``"multistep"`` (``milestones`` in epochs, ``gamma``).
         class_weight: per-class loss weights (class imbalance).
     """
 
@@ -62,8 +65,10 @@ class ClassificationTask(L.LightningModule):
         self.save_hyperparameters()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        if scheduler not in (None, "cosine", "multistep"):
-            raise ValueError(f"scheduler must be None, 'cosine' or 'multistep', got {scheduler!r}")
+        if scheduler not in (None, "cosine", "cosine_time", "multistep"):
+            raise ValueError(
+                f"scheduler must be None, 'cosine', 'cosine_time' or 'multistep', got {scheduler!r}"
+            )
         if class_weight is not None and len(class_weight) != num_classes:
             raise ValueError(f"class_weight has {len(class_weight)} entries for {num_classes} classes")
         self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
@@ -149,5 +154,25 @@ class ClassificationTask(L.LightningModule):
             steps = max(1, int(self.trainer.estimated_stepping_batches))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if h.scheduler == "cosine_time":
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _time_cosine(self.trainer))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=h.milestones or [], gamma=h.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _time_cosine(trainer: Any) -> Any:
+    """LR factor ``(1 + cos(π t / T)) / 2`` at elapsed wall-clock time ``t`` of the budget ``T``."""
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        raise ValueError(
+            "scheduler 'cosine_time' anneals over the wall-clock budget: set trainer.max_time "
+            "(e.g. --trainer.max_time 00:00:15:00) or use scheduler 'cosine'"
+        )
+
+    def factor(_step: int) -> float:
+        elapsed = timer.time_elapsed()
+        frac = min(1.0, elapsed / max(elapsed + timer.time_remaining(), 1e-9))
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
