@@ -247,12 +247,20 @@ def plot(rows: list[dict[str, Any]], study: str, path: Path) -> None:
     ax.set_xscale("log")
     ax.invert_xaxis()  # tinier objects to the right
     ax.set_xlabel("object-to-image ratio (%, log scale)")
+    canvases = sorted({r["canvas"] for r in rows})
+    top = ax.secondary_xaxis("top")  # the canvas side of each O2I, with its training budget
+    top.set_xticks([100 * DIGIT**2 / c**2 for c in canvases], minor=False)
+    top.set_xticks([], minor=True)
+    budget = {c: "/".join(f"{m:g}" for m in sorted({r["minutes"] for r in rows if r["canvas"] == c}))
+              for c in canvases}  # fmt: skip
+    top.set_xticklabels([f"{c} px\n{budget[c]} min" for c in canvases], fontsize=8)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.4, 1.0)
     minutes = sorted({r["minutes"] for r in rows})
-    ax.set_title(f"needle-MNIST, {study}: budgets {', '.join(f'{m:g}' for m in minutes)} min of CPU training")
+    ax.set_title(f"needle-MNIST, {study}: test accuracy under a CPU budget "
+                 f"({', '.join(f'{m:g}' for m in minutes)} min)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
