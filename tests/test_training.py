@@ -39,17 +39,22 @@ def test_batch_routing_error_names_missing_key():
         task({"bag": torch.zeros(1, 2, 3), "label": torch.zeros(1)})
 
 
-def test_fit_cli_writes_run_folder_and_tests_best_checkpoint(tmp_path, capsys):
-    args = [
-        "fit", "--config", "configs/needle_mnist/dense.yaml", "--runs_dir", str(tmp_path),
-        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+def _fit_args(tmp_path, epochs: int, train_size: int, *extra: str) -> list[str]:
+    """``needlework fit`` of the packaged dense config, shrunk to seconds."""
+    return [
+        "fit", "--config", "needle_mnist/dense", "--runs_dir", str(tmp_path),
+        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
         "--model.init_args.model_kwargs", json.dumps(TINY_MODEL),
         "--data.init_args.dataset_kwargs", '{"canvas": 64}',
-        "--data.init_args.train_kwargs", '{"size": 64}',
+        "--data.init_args.train_kwargs", json.dumps({"size": train_size}),
         "--data.init_args.val_kwargs", '{"size": 32}',
-        "--data.init_args.test_kwargs", '{"size": 32}',
-        "--trainer.accumulate_grad_batches", "2", "--trainer.check_val_every_n_epoch", "1",
-    ]
+        "--data.init_args.test_kwargs", '{"size": 32}', *extra,
+    ]  # fmt: skip
+
+
+def test_fit_cli_writes_run_folder_and_tests_best_checkpoint(tmp_path, capsys):
+    args = _fit_args(tmp_path, 2, 64, "--trainer.accumulate_grad_batches", "2",
+                     "--trainer.check_val_every_n_epoch", "1")  # fmt: skip
     assert cli_main(args) == 0
     (run,) = (tmp_path / "needle_mnist_dense").iterdir()
     assert (run / "config.yaml").exists() and (run / "metrics.csv").exists()
@@ -67,16 +72,7 @@ def test_fit_cli_writes_run_folder_and_tests_best_checkpoint(tmp_path, capsys):
 
 def test_fit_without_validation_tests_final_weights(tmp_path, capsys):
     """The packaged config validates every 9 epochs: a 1-epoch fit has no best checkpoint and says so."""
-    args = [
-        "fit", "--config", "needle_mnist/dense", "--runs_dir", str(tmp_path),
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-        "--model.init_args.model_kwargs", json.dumps(TINY_MODEL),
-        "--data.init_args.dataset_kwargs", '{"canvas": 64}',
-        "--data.init_args.train_kwargs", '{"size": 32}',
-        "--data.init_args.val_kwargs", '{"size": 32}',
-        "--data.init_args.test_kwargs", '{"size": 32}',
-    ]
-    assert cli_main(args) == 0
+    assert cli_main(_fit_args(tmp_path, 1, 32)) == 0
     assert "no best checkpoint" in capsys.readouterr().err
     (run,) = (tmp_path / "needle_mnist_dense").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
