@@ -107,7 +107,7 @@ class DatasetDataModule(L.LightningDataModule):
         workers = h.num_workers
         dataset = self.dataset(split)
         sampler = None
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = getattr(self.trainer, "world_size", 1)  # (stand-in trainers of tests have none)
         if not shuffle and world > 1:
             # evaluation counts each item once (Lightning's own sampler would pad with repeats)
             sampler = UnpaddedDistributedSampler(dataset, world, self.trainer.global_rank, f"{split} split")
