@@ -12,6 +12,7 @@ skip).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,14 +26,35 @@ from needlework.training.datamodule import DatasetDataModule
 from needlework.training.run_info import RunInfo
 from needlework.training.task import ClassificationTask
 
+# Under DDP Lightning re-runs this command once per extra process, seconds later: they must agree on the
+# run folder, so the first process hands its version to the ones it launches through the environment.
+_VERSION_ENV = "NEEDLEWORK_RUN_VERSION"
+
 
 def _run_version(root: Path) -> str:
+    if _launched_rank() > 0 and os.environ.get(_VERSION_ENV):
+        return os.environ[_VERSION_ENV]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     version, n = stamp, 1
     while (root / version).exists():
         n += 1
         version = f"{stamp}-{n}"
+    os.environ[_VERSION_ENV] = version  # inherited by the processes Lightning launches
     return version
+
+
+def _launched_rank() -> int:
+    """This process's rank as set by a launcher (Lightning's, torchrun, SLURM); 0 when none set one.
+
+    Read from the environment because the process group does not exist yet when the run folder is named.
+    Processes started by torchrun or SLURM each name their own folder; rank zero's wins, because the
+    checkpoint folder and ``trainer.log_dir`` are broadcast from it and only rank zero writes run files.
+    """
+    for key in ("LOCAL_RANK", "RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 class NeedleworkCLI(LightningCLI):
@@ -69,9 +91,10 @@ class NeedleworkCLI(LightningCLI):
         if ckpt_path is None:
             # e.g. max_epochs below check_val_every_n_epoch: say which weights the test numbers are of
             t = self.trainer
-            print(f"needlework fit: no best checkpoint (no validation in {t.current_epoch} epochs with "
-                  f"check_val_every_n_epoch={t.check_val_every_n_epoch}); testing the final weights",
-                  file=sys.stderr)
+            if t.is_global_zero:
+                print(f"needlework fit: no best checkpoint (no validation in {t.current_epoch} epochs with "
+                      f"check_val_every_n_epoch={t.check_val_every_n_epoch}); testing the final weights",
+                      file=sys.stderr)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

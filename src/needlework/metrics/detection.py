@@ -158,6 +158,22 @@ class DetectionMetrics:
             self._scores.append(pred_scores[i].detach().double().cpu().numpy())
             self._tp.append(greedy_true_positives(pred_boxes[i], pred_scores[i], gb, self.iou_threshold))
 
+    def state(self) -> dict[str, object]:
+        """The accumulated counts and per-prediction arrays (picklable: gathered across processes)."""
+        return {"n_gt": self.n_gt, "n_matched": self.n_matched, "n_correct": self.n_correct,
+                "scores": list(self._scores), "tp": list(self._tp)}  # fmt: skip
+
+    def merge(self, states: list[dict[str, object]]) -> None:
+        """Replace the accumulated state by the union of ``states`` (e.g. every rank's :meth:`state`):
+        :meth:`compute` then gives the metrics of all their images together."""
+        self.reset()
+        for st in states:
+            self.n_gt += int(st["n_gt"])  # type: ignore[call-overload]
+            self.n_matched += int(st["n_matched"])  # type: ignore[call-overload]
+            self.n_correct += int(st["n_correct"])  # type: ignore[call-overload]
+            self._scores += list(st["scores"])  # type: ignore[call-overload]
+            self._tp += list(st["tp"])  # type: ignore[call-overload]
+
     def compute(self) -> dict[str, float]:
         """``detection``, ``classification``, ``both``, ``ap50`` (fractions; NaN when undefined)."""
         nan = float("nan")

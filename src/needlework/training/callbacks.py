@@ -10,7 +10,7 @@ Usable from a config (``trainer.callbacks``)::
 After validation (every ``every_n_epochs`` epochs) and after testing, it runs the model in eval mode on
 the first ``max_items`` items of the first batch and writes ``<log_dir>/attention/epoch<E>_<i>.png`` (or
 ``test_<i>.png``) with :func:`needlework.viz.attention.plot_batch`. Models whose output has no
-``attention_map`` are skipped silently.
+``attention_map`` are skipped silently. Under DDP only rank zero draws (its own first batch).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from needlework.training.run_info import run_dir
 from needlework.viz.attention import plot_batch
 
 __all__ = ["AttentionPlotCallback"]
@@ -64,8 +65,8 @@ class AttentionPlotCallback(L.Callback):
         self._keep(batch, batch_idx, dataloader_idx)
 
     def _out_dir(self, trainer: L.Trainer) -> Path:
-        root = trainer.log_dir or trainer.default_root_dir
-        return Path(root) / self.dirname
+        # only rank zero draws: trainer.log_dir would be a collective that the other ranks never join
+        return (run_dir(trainer) or Path(trainer.default_root_dir)) / self.dirname
 
     @torch.no_grad()
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import needlework.data  # noqa: F401  (registers the built-in datasets and collates)
 from needlework.registry import create_dataset, create_transform, get_collate
+from needlework.training.distributed import UnpaddedDistributedSampler
 
 
 class TransformedDataset(Dataset):
@@ -60,6 +61,11 @@ class DatasetDataModule(L.LightningDataModule):
 
     With ``train_schedule`` or ``resample_each_epoch`` the trainer must rebuild the training loader
     every epoch (``Trainer(reload_dataloaders_every_n_epochs=1)``).
+
+    On several processes (DDP) the training loader gets Lightning's ``DistributedSampler`` (shuffled by
+    the seed and the epoch, the same on every rank, so a resumed run sees the same order); evaluation
+    loaders get an :class:`~needlework.training.distributed.UnpaddedDistributedSampler`, so validation
+    and test metrics equal those of one process.
     """
 
     def __init__(
@@ -99,10 +105,17 @@ class DatasetDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         h = self.hparams
         workers = h.num_workers
+        dataset = self.dataset(split)
+        sampler = None
+        world = getattr(self.trainer, "world_size", 1)  # (stand-in trainers of tests have none)
+        if not shuffle and world > 1:
+            # evaluation counts each item once (Lightning's own sampler would pad with repeats)
+            sampler = UnpaddedDistributedSampler(dataset, world, self.trainer.global_rank, f"{split} split")
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=h.batch_size if shuffle else (h.eval_batch_size or h.batch_size),
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=self.collate_fn,
             pin_memory=h.pin_memory,

@@ -17,7 +17,8 @@ take one step of both networks on the task loss; ``"task_only"`` models (grid) t
 
 Evaluation logs ``{stage}/task_loss``, ``{stage}/detection``, ``{stage}/classification``, ``{stage}/both``,
 ``{stage}/ap50`` (and ``{stage}/rmse`` for reconstruction) and writes ``detections_{stage}.png`` to
-``figure_dir`` (default: the trainer's log directory).
+``figure_dir`` (default: the trainer's log directory). Under DDP the evaluation state of every rank is
+gathered before the metrics are computed, and rank zero alone draws the figure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 
 from needlework.metrics.detection import DetectionMetrics, reconstruction_rmse
+from needlework.training.distributed import gather_objects, is_distributed
+from needlework.training.run_info import run_dir
 from needlework.training.task import ClassificationTask
 from needlework.viz.mist import draw_detections
 
@@ -180,7 +183,7 @@ class MISTTask(ClassificationTask):
             self.manual_backward(loss)
             for opt in opts:
                 opt.step()
-            self.log("train/task_loss", loss.detach(), prog_bar=True, batch_size=len(image))
+            self.log("train/task_loss", loss.detach(), prog_bar=True, batch_size=len(image), sync_dist=True)
             return loss.detach()
 
         loc = self.model.locate(image)  # heatmaps with gradient, keypoints without
@@ -212,7 +215,8 @@ class MISTTask(ClassificationTask):
                 logs["train/detector_loss"] = loss.detach()
         logs["train/keypoint_shift"] = (centres - centres0).norm(dim=-1).mean()
         for name, value in logs.items():
-            self.log(name, value, prog_bar=name != "train/keypoint_shift", batch_size=len(image))
+            bar = name != "train/keypoint_shift"
+            self.log(name, value, prog_bar=bar, batch_size=len(image), sync_dist=True)
         return logs["train/task_loss"]
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -239,7 +243,24 @@ class MISTTask(ClassificationTask):
                 "gt_labels": batch["box_labels"][:n].cpu() if "box_labels" in batch else None,
             }
 
+    def _gather_eval(self) -> None:
+        """Under DDP, make every rank hold the evaluation state of all ranks (one collective), so the
+        metrics are those of the whole split whatever the number of processes."""
+        if not is_distributed():
+            return
+        mine = {
+            "loss": torch.cat(self._eval_losses) if self._eval_losses else torch.zeros(0),
+            "rmse": torch.cat(self._rmse) if self._rmse else torch.zeros(0),
+            "det": self._metrics.state(),
+        }
+        states = gather_objects(mine)
+        losses = [st["loss"] for st in states if len(st["loss"])]
+        rmse = [st["rmse"] for st in states if len(st["rmse"])]
+        self._eval_losses, self._rmse = losses, rmse
+        self._metrics.merge([st["det"] for st in states])
+
     def _eval_end(self, stage: str) -> dict[str, float]:
+        self._gather_eval()
         results = {"task_loss": float(torch.cat(self._eval_losses).mean())} if self._eval_losses else {}
         if self._metrics.n_gt:
             m = self._metrics.compute()
@@ -251,14 +272,16 @@ class MISTTask(ClassificationTask):
             results["rmse"] = float(torch.cat(self._rmse).mean())
         for name, value in results.items():
             self.log(f"{stage}/{name}", value, prog_bar=name in ("both", "rmse"))
-        if self._figure_batch is not None and not self.trainer.sanity_checking:
+        trainer = self.trainer
+        if self._figure_batch is not None and not trainer.sanity_checking and trainer.is_global_zero:
             self._write_figure(stage, results)
         self._metrics.reset()
         self._eval_losses, self._rmse, self._figure_batch = [], [], None
         return results
 
     def _write_figure(self, stage: str, results: dict[str, float]) -> None:
-        folder = self.hparams.figure_dir or self.trainer.log_dir
+        # rank zero only: trainer.log_dir would be a collective the other ranks never join
+        folder = self.hparams.figure_dir or run_dir(self.trainer)
         if folder is None:
             return
         fb = self._figure_batch

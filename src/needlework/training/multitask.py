@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from needlework.training.distributed import is_distributed
 from needlework.training.metrics import classification_metrics
 from needlework.training.task import ClassificationTask
 
@@ -59,16 +60,9 @@ class MultiTaskClassificationTask(ClassificationTask):
             )
         loss, parts = self.model.compute_loss(output, target, self.class_weight)
         batch_size = output["logits"].shape[0]
-        self.log(
-            f"{stage}/loss",
-            loss,
-            prog_bar=stage != "test",
-            batch_size=batch_size,
-            on_step=stage == "train",
-            on_epoch=True,
-        )
+        self._record_loss(stage, loss, batch_size, batch_size)
         for name, value in parts.items():
-            self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, on_epoch=True)
+            self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, on_epoch=True, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
         for t in self.tasks:
             if t in target:
@@ -81,14 +75,16 @@ class MultiTaskClassificationTask(ClassificationTask):
         metrics = getattr(self, f"{stage}_metrics")
         accs = []
         for t in self.tasks:
-            if not any(m.update_called for m in metrics[t].values()):
+            # compute() is a collective under DDP: skip a task only if no rank saw its labels
+            if not _any_rank(any(m.update_called for m in metrics[t].values()), self.device):
                 continue
             values = metrics[t].compute()
-            self.log_dict({f"{stage}/{t}/{k}": v for k, v in values.items()})
+            self.log_dict({f"{stage}/{t}/{k}": v for k, v in values.items()}, sync_dist=True)
             accs.append(values["acc"])
             metrics[t].reset()
         if accs:
-            self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=stage == "val")
+            self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=stage == "val", sync_dist=True)
+        self._log_loss(stage)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         output = self(batch)
@@ -101,3 +97,12 @@ class MultiTaskClassificationTask(ClassificationTask):
         if "index" in batch:
             result["index"] = batch["index"]
         return result
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over all ranks (itself on one process)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,8 +1,11 @@
 """Run-folder bookkeeping: package versions at the start, metrics at the end of each stage.
 
-Writes into ``trainer.log_dir`` (the run folder, next to LightningCLI's ``config.yaml``):
-``versions.json`` (needlework, torch, lightning, Python, git commit, seed) and ``metrics.json``
+Writes into the run folder (``trainer.log_dir``, next to LightningCLI's ``config.yaml``):
+``versions.json`` (needlework, torch, lightning, Python, git commit, seed, world size) and ``metrics.json``
 (last validation metrics, best checkpoint and its score, test metrics when a test ran).
+
+Under DDP only rank zero writes. ``trainer.log_dir`` is a collective there (a broadcast from rank zero),
+so code that only rank zero runs must never call it: :func:`run_dir` finds the same folder locally.
 """
 
 from __future__ import annotations
@@ -59,11 +62,29 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     }
 
 
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """The run folder ``trainer.log_dir`` resolves to, computed on this process without a collective.
+
+    ``trainer.log_dir`` broadcasts rank zero's answer, so it deadlocks when only some ranks call it (a
+    callback guarded by ``trainer.is_global_zero``). This is its logic minus the broadcast; call it on
+    rank zero, whose logger names the folder every rank writes checkpoints next to.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        folder = logger.log_dir if isinstance(logger, CSVLogger | TensorBoardLogger) else logger.save_dir
+    else:
+        folder = trainer.default_root_dir
+    return Path(folder) if folder else None
+
+
 class RunInfo(L.Callback):
-    """Writes ``versions.json`` and ``metrics.json`` into the run folder."""
+    """Writes ``versions.json`` and ``metrics.json`` into the run folder (rank zero only)."""
 
     def _folder(self, trainer: L.Trainer) -> Path | None:
-        return Path(trainer.log_dir) if trainer.log_dir and trainer.is_global_zero else None
+        # is_global_zero first: run_dir is local, but nothing here may differ in collectives between ranks
+        return run_dir(trainer) if trainer.is_global_zero else None
 
     def _update_metrics(self, trainer: L.Trainer, section: str, values: dict[str, Any]) -> None:
         folder = self._folder(trainer)
@@ -79,7 +100,10 @@ class RunInfo(L.Callback):
         folder = self._folder(trainer)
         if folder is not None:
             seed = os.environ.get("PL_GLOBAL_SEED")
-            write_json(folder / "versions.json", {**environment_info(), "seed": seed})
+            info = {**environment_info(), "seed": seed}
+            info.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes,
+                        strategy=type(trainer.strategy).__name__)
+            write_json(folder / "versions.json", info)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
+from torchmetrics import MeanMetric
 
 import needlework.models  # noqa: F401  (registers the built-in models)
 from needlework.models.base import NeedleworkModel, route_batch
@@ -83,6 +84,7 @@ class ClassificationTask(L.LightningModule):
         self.train_metrics = classification_metrics(num_classes, multilabel)
         self.val_metrics = classification_metrics(num_classes, multilabel)
         self.test_metrics = classification_metrics(num_classes, multilabel)
+        self._eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.model(**route_batch(self.model.forward, batch))
@@ -99,20 +101,48 @@ class ClassificationTask(L.LightningModule):
             loss = torch.nn.functional.cross_entropy(output["logits"], target, weight=self.class_weight)
             parts = {}
         batch_size = target.shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size,
-                 on_step=stage == "train", on_epoch=True)
+        weight = batch_size
+        if self.class_weight is not None and not self.multilabel:
+            # cross-entropy with class weights is Σ w_y l / Σ w_y over the batch: weighting the batch by
+            # Σ w_y makes the epoch value that of the whole split, however it is cut into batches
+            weight = self.class_weight[target.long()].sum()
+        self._record_loss(stage, loss, batch_size, weight)
         for name, value in parts.items():
             if len(parts) > 1:
-                self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, on_epoch=True)
+                self.log(f"{stage}/loss_{name}", value, batch_size=batch_size, on_epoch=True, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(self.probabilities(output["logits"].detach()), target.long())
         return loss
 
+    def _record_loss(self, stage: str, loss: torch.Tensor, batch_size: int, weight: Any) -> None:
+        """Log the training loss per step; accumulate the evaluation loss for :meth:`_log_loss`.
+
+        Evaluation losses go through a ``MeanMetric`` weighted by ``weight`` (the batch size, or the
+        summed class weights): synced over DDP ranks, whose batches differ from one process's, the epoch
+        value still equals the one-process value.
+        """
+        if stage == "train":
+            # sync_dist: the epoch value is the batch-size-weighted mean over every rank's items
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, on_step=True, on_epoch=True,
+                     sync_dist=True)  # fmt: skip
+            return
+        weight = torch.as_tensor(weight, dtype=torch.float32, device=loss.device)
+        self._eval_loss[stage].update(loss.detach().float(), weight)
+
+    def _log_loss(self, stage: str) -> None:
+        if stage == "train":
+            return
+        mean = self._eval_loss[stage]
+        # an epoch's loss is logged once; sync_dist is a no-op average of the already synced value
+        self.log(f"{stage}/loss", mean.compute(), prog_bar=stage == "val", sync_dist=True)
+        mean.reset()
+
     def _log_epoch(self, stage: str) -> None:
         metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        values = metrics.compute()  # a collective under DDP: torchmetrics syncs the states of all ranks
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
         metrics.reset()
+        self._log_loss(stage)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
