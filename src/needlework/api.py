@@ -5,7 +5,8 @@ and ``needlework.data`` (their modules register themselves), then hands over to 
 """
 
 import needlework.data
-import needlework.models  # noqa: F401  (registers the built-in models and encoders)
+import needlework.models  # registers the built-in models and encoders
+import needlework.slides.pixel_data  # noqa: F401  (registers slide_images)
 from needlework.models.checkpoint import load_model
 from needlework.registry import (
     create_dataset,

@@ -17,7 +17,8 @@ def check_shape(x: torch.Tensor, layout: Sequence[str], name: str = "input") -> 
         >>> check_shape(torch.zeros(2, 3, 4), ["B", "N", "D"], "bag")
         {'B': 2, 'N': 3, 'D': 4}
     """
-    if not isinstance(x, torch.Tensor):
+    # a lazy image with a shape (e.g. slides.patch_reader.SlidePixels) stands in for a tensor
+    if not isinstance(x, torch.Tensor) and not hasattr(x, "read_patches"):
         raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(layout)}, got {type(x).__name__}")
     if x.dim() != len(layout):
         raise ValueError(

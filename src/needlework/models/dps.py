@@ -77,7 +77,8 @@ class DPS(NeedleworkModel):
     ``forward(x_low, x_high)`` with ``x_low (B, C, h, w)`` (optional) and ``x_high (B, C, H, W)`` returns
     ``logits (B, C)``, ``indicators (B, K, N)``, ``attention (B, N)`` = softmax of the scores, ``scores``,
     ``selected_idx (B, K)`` (hard top-K of the scores, by position), ``selected_coords (B, K, 2)`` (top-left
-    ``(x, y)`` in ``x_high`` pixels), ``embedding (B, D)`` and ``aux_loss``.
+    ``(x, y)`` in ``x_high`` pixels), ``candidate_coords (N, 2)``, ``embedding (B, D)`` and ``aux_loss``.
+    ``x_high`` may be a lazy slide (:class:`~needlework.slides.patch_reader.SlidePixels`) with ``x_low``.
 
     Example:
         >>> m = DPS(num_classes=3, grid=4, patch_size=8, k=2, n_samples=10, dim=16, n_heads=2)
@@ -169,6 +170,8 @@ class DPS(NeedleworkModel):
             raise ValueError("DPS.forward needs x_high (B, C, H, W); x_low is optional")
         sizes = check_shape(x_high, ["B", str(self.in_channels), "H", "W"], "x_high")
         if x_low is None:
+            if not isinstance(x_high, torch.Tensor):
+                raise ValueError("DPS on a lazy x_high (a slide) needs x_low in the batch")
             x_low = F.interpolate(x_high, scale_factor=self.low_scale, mode="area")
         check_shape(x_low, [str(sizes["B"]), str(self.in_channels), "h", "w"], "x_low")
         cell = self.cell_size
@@ -197,6 +200,7 @@ class DPS(NeedleworkModel):
             "scores": scores,
             "selected_idx": idx,
             "selected_coords": candidates[idx],
+            "candidate_coords": candidates,
             "embedding": embedding,
             "aux_loss": {},
         }

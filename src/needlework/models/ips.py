@@ -71,6 +71,26 @@ class CrossAttentionPool(nn.Module):
         return self.norm2(out + self.dropout(self.mlp(out))), attn
 
 
+def tissue_candidates(
+    coords: torch.Tensor, tissue: torch.Tensor, image_hw: tuple[int, int], patch_size: int, minimum: int = 1
+) -> torch.Tensor:
+    """The grid patches ``coords (N, 2)`` whose centre falls on tissue in any image of the batch.
+
+    ``tissue`` ``(B, 1, h, w)`` or ``(B, h, w)`` is a mask on a low-resolution view of the ``image_hw``
+    image (same extent). Without any tissue the first ``minimum`` patches are kept, so a blank slide
+    still gives a prediction.
+    """
+    mask = tissue.reshape(tissue.shape[0], tissue.shape[-2], tissue.shape[-1]).detach() > 0
+    h, w = mask.shape[-2:]
+    centre = coords.to(torch.float64) + patch_size / 2
+    col = (centre[:, 0] * w / image_hw[1]).long().clamp(0, w - 1)
+    row = (centre[:, 1] * h / image_hw[0]).long().clamp(0, h - 1)
+    keep = mask[:, row.to(mask.device), col.to(mask.device)].any(0).to(coords.device)
+    if not bool(keep.any()):
+        return coords[: max(1, minimum)]
+    return coords[keep]
+
+
 @register_model("ips")
 class IPS(NeedleworkModel):
     """Iterative Patch Selection with one or several tasks.
@@ -90,9 +110,12 @@ class IPS(NeedleworkModel):
             the grid cell ``(x, y)``, or ``"none"``.
         shuffle: scan the patches in a random order during training (breaks score ties).
 
-    ``forward(x_high (B, C, H, W))`` returns ``logits (B, C)`` (primary task), ``task_logits`` (name →
-    logits), ``attention (B, N)`` (final attention on the kept patches, 0 elsewhere, sums to 1),
-    ``selected_idx (B, M)``, ``selected_coords (B, M, 2)`` and ``embedding (B, T, D)``.
+    ``forward(x_high (B, C, H, W), tissue=None)`` returns ``logits (B, C)`` (primary task), ``task_logits``
+    (name → logits), ``attention (B, N)`` (final attention on the kept patches, 0 elsewhere, sums to 1),
+    ``selected_idx (B, M)``, ``selected_coords (B, M, 2)``, ``candidate_coords (N, 2)`` (the scanned grid)
+    and ``embedding (B, T, D)``. ``x_high`` may be a lazy slide (:class:`~needlework.slides.patch_reader.
+    SlidePixels`); a ``tissue`` mask ``(B, 1, h, w)`` on a low view restricts the scan to the patches
+    on tissue (:func:`tissue_candidates`).
 
     Example:
         >>> m = IPS(num_classes=4, patch_size=8, n_keep=3, chunk_size=4, dim=32, d_k=8, n_heads=2)
@@ -183,9 +206,11 @@ class IPS(NeedleworkModel):
                 mod.train(mode)
         return keep_idx
 
-    def forward(self, x_high: torch.Tensor) -> dict[str, Any]:
+    def forward(self, x_high: torch.Tensor, tissue: torch.Tensor | None = None) -> dict[str, Any]:
         sizes = check_shape(x_high, ["B", str(self.in_channels), "H", "W"], "x_high")
         coords = grid_coords((sizes["H"], sizes["W"]), self.patch_size, self.patch_stride, x_high.device)
+        if tissue is not None:  # scan only the patches on tissue: the cost follows the tissue, not the slide
+            coords = tissue_candidates(coords, tissue, (sizes["H"], sizes["W"]), self.patch_size, self.n_keep)
         idx = self.select(x_high, coords)  # (B, M)
         emb = self._embed(x_high, coords, idx)  # with gradient, train mode
         pooled, attn = self.aggregator(emb)  # (B, T, D), (B, H, T, M)
@@ -197,6 +222,7 @@ class IPS(NeedleworkModel):
             "attention": attention,
             "selected_idx": idx,
             "selected_coords": coords[idx],
+            "candidate_coords": coords,
             "embedding": pooled,
         }
 

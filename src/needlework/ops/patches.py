@@ -5,6 +5,11 @@ view of the image (every patch row is a contiguous run): no padding, no copy of 
 Patches that cross the border (usually few) are redone by per-element advanced indexing with clamped
 indices and an in-bounds mask, which also serves inputs that require gradients. Any dtype and device.
 
+``images`` may also be a *patch source*: any object with a ``shape`` ``(B, C, *S)`` and a method
+``read_patches(offsets, size) -> (B, n, C, *size)`` (e.g. :class:`needlework.slides.patch_reader.SlidePixels`,
+a whole-slide image read on demand); the call is delegated to it, so selection models work on images
+that never fit in memory.
+
 Corners are given in image coordinates ``(x, y[, z])`` = (column, row[, slice]) — the reverse of the
 tensor's axis order — while patch sizes follow the output's axis order ``(h, w)`` / ``(d, h, w)``.
 """
@@ -102,6 +107,12 @@ def extract_patches_nd(
     Returns:
         ``(B, n, C, *size)`` with the dtype and device of ``images``.
     """
+    if not isinstance(images, torch.Tensor) and hasattr(images, "read_patches"):
+        d = len(images.shape) - 2
+        check_shape(offsets, [str(images.shape[0]), "n", str(d)], "offsets")
+        if offsets.is_floating_point():
+            raise TypeError(f"offsets must be an integer tensor (int64), got {offsets.dtype}")
+        return images.read_patches(offsets.long(), _as_size(size, d))
     if not isinstance(images, torch.Tensor) or images.dim() < 3:
         raise ValueError(
             f"images must be a tensor of shape (B, C, *spatial), got {getattr(images, 'shape', images)}"

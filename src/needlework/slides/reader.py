@@ -167,13 +167,18 @@ class SlideReader(ABC):
             )
         return out
 
-    def read_region_at(self, x: int, y: int, w0: int, h0: int, out_w: int, out_h: int) -> np.ndarray:
+    def read_region_at(
+        self, x: int, y: int, w0: int, h0: int, out_w: int, out_h: int, resize: str = "box"
+    ) -> np.ndarray:
         """Read the level-0 box ``(x, y, w0, h0)`` and return it as ``(out_h, out_w, 3)`` RGB uint8.
 
         Reads the level with the largest downsample ≤ the required one and resizes with an area
-        (box) filter. Upsampling happens only when the slide is coarser than requested, with a
-        warning once per slide.
+        filter: ``resize="box"`` (Pillow's box filter, the tiling default) or ``"area"`` (OpenCV
+        ``INTER_AREA``, the patch reader's). Upsampling happens only when the slide
+        is coarser than requested, with a warning once per slide.
         """
+        if resize not in ("box", "area"):
+            raise ValueError(f"resize must be 'box' or 'area', got {resize!r}")
         downsample = min(w0 / out_w, h0 / out_h)
         level = self.best_level(downsample)
         ds = self.level_downsamples[level]
@@ -187,19 +192,26 @@ class SlideReader(ABC):
                 f"{self.path.name}: requested resolution is finer than the slide's level 0; upsampling",
                 stacklevel=2,
             )
+        if resize == "area":
+            import cv2
+
+            flag = cv2.INTER_AREA if lw >= out_w and lh >= out_h else cv2.INTER_LINEAR
+            return cv2.resize(region, (out_w, out_h), interpolation=flag)
         resample = Image.Resampling.BOX if lw >= out_w else Image.Resampling.BILINEAR
         return np.asarray(Image.fromarray(region).resize((out_w, out_h), resample))
 
-    def thumbnail_at_mpp(self, mpp: float, max_side: int = 4096) -> tuple[np.ndarray, tuple[float, float]]:
+    def thumbnail_at_mpp(
+        self, mpp: float, max_side: int = 4096, resize: str = "box"
+    ) -> tuple[np.ndarray, tuple[float, float]]:
         """Whole slide at about ``mpp`` µm/px (longest side ≤ ``max_side``).
 
         Returns the RGB array and its exact level-0 downsample ``(dx, dy)`` per axis
-        (level-0 x = thumbnail x · dx).
+        (level-0 x = thumbnail x · dx). ``resize`` as in :meth:`read_region_at`.
         """
-        return self.thumbnail_at_downsample(mpp / self.mpp, max_side)
+        return self.thumbnail_at_downsample(mpp / self.mpp, max_side, resize)
 
     def thumbnail_at_downsample(
-        self, downsample: float, max_side: int = 4096
+        self, downsample: float, max_side: int = 4096, resize: str = "box"
     ) -> tuple[np.ndarray, tuple[float, float]]:
         """Whole slide downsampled by about ``downsample`` (see :meth:`thumbnail_at_mpp`)."""
         w0, h0 = self.dimensions
@@ -208,7 +220,7 @@ class SlideReader(ABC):
         dx, dy = w0 / tw, h0 / th
         ds = self.level_downsamples[self.best_level(min(dx, dy))]
         if (w0 / ds) * (h0 / ds) <= self.max_read_pixels:
-            return self.read_region_at(0, 0, w0, h0, tw, th), (dx, dy)
+            return self.read_region_at(0, 0, w0, h0, tw, th, resize), (dx, dy)
         # The level to read from is large (few pyramid levels): read it in blocks to bound memory.
         thumb = np.empty((th, tw, 3), np.uint8)
         step = max(1, int(math.sqrt(self.max_read_pixels) * ds / max(dx, dy)))  # output pixels per block
@@ -216,7 +228,9 @@ class SlideReader(ABC):
             for ox in range(0, tw, step):
                 ox1, oy1 = min(ox + step, tw), min(oy + step, th)
                 x0, y0, x1, y1 = round(ox * dx), round(oy * dy), round(ox1 * dx), round(oy1 * dy)
-                thumb[oy:oy1, ox:ox1] = self.read_region_at(x0, y0, x1 - x0, y1 - y0, ox1 - ox, oy1 - oy)
+                thumb[oy:oy1, ox:ox1] = self.read_region_at(
+                    x0, y0, x1 - x0, y1 - y0, ox1 - ox, oy1 - oy, resize
+                )
         return thumb, (dx, dy)
 
     def describe(self) -> dict[str, Any]:

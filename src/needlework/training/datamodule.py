@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-import needlework.data  # noqa: F401  (registers the built-in datasets and collates)
+import needlework.data  # registers the built-in datasets and collates
+import needlework.slides.pixel_data  # noqa: F401  (registers slide_images and the slide_pixels collate)
 from needlework.registry import create_dataset, create_transform, get_collate
 from needlework.training.distributed import UnpaddedDistributedSampler
 

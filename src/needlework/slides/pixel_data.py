@@ -1,0 +1,258 @@
+"""Whole-slide images as multi-resolution inputs for ATS, DPS and IPS (registered as ``"slide_images"``).
+
+Each item is one slide: ``x_low`` ``(3, h, w)``, the slide at ``low_mpp`` µm/px read from the nearest
+pyramid level (never coarser) and area-resized, multiplied by its tissue mask (the attention / scoring
+network sees tissue only); ``tissue`` ``(1, h, w)`` the mask (:func:`~needlework.slides.tissue.segment_tissue`
+at that resolution); and ``x_high``, a :class:`~needlework.slides.patch_reader.SlidePixels` — the slide at
+``high_mpp`` as a lazy image that the models cut patches from. Nothing larger than ``x_low`` is ever held
+in memory, so the cost of an item grows with the low-resolution view only.
+
+Batch items with the ``"slide_pixels"`` collate: ``x_low``/``tissue`` are zero-padded to the largest in the
+batch and the lazy ``x_high`` follows the padded canvas (outside a slide, pixels are 0).
+
+Example (YAML, with a cohort from ``needlework slides synth`` and folds from ``needlework slides splits``)::
+
+    data:
+      class_path: needlework.training.DatasetDataModule
+      init_args:
+        dataset: slide_images
+        dataset_kwargs: {slides_dir: cohort/slides, labels_csv: cohort/labels.csv, splits_dir: splits,
+                         fold: 0, low_mpp: 8.0, high_mpp: 0.5, patch_size: 64,
+                         mpp_csv: cohort/mpp_overrides.csv}
+        collate: slide_pixels
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from needlework.data.splits import SPLITS, build_label_map, read_label_csv, read_split_file
+from needlework.registry import register_collate, register_dataset
+from needlework.slides.mpp import load_mpp_overrides, override_for
+from needlework.slides.patch_reader import SlidePatchReader, SlidePixels, cached_slide
+from needlework.slides.reader import SlideReader, list_slides, slide_id_of
+from needlework.slides.tissue import TissueParams, segment_tissue
+
+__all__ = ["LowView", "SlideImageDataset", "collate_slide_pixels", "low_resolution_view"]
+
+
+@dataclass
+class LowView:
+    """A slide at low resolution: ``image`` RGB uint8 ``(h, w, 3)``, ``tissue`` bool ``(h, w)``,
+    ``downsample`` ``(dx, dy)`` level-0 pixels per pixel (exact, see
+    :func:`~needlework.slides.patch_reader.grid_to_level0`) and ``mpp`` its µm/px."""
+
+    image: np.ndarray
+    tissue: np.ndarray
+    downsample: tuple[float, float]
+    mpp: float
+
+
+def low_resolution_view(
+    slide: SlideReader, low_mpp: float, max_side: int = 4096, tissue: TissueParams | None = None
+) -> LowView:
+    """``slide`` at ``low_mpp`` µm/px (longest side at most ``max_side``) with its tissue mask.
+
+    Reads the pyramid level with the largest downsample not above the requested one, in blocks when
+    that level is large, and area-resizes (OpenCV ``INTER_AREA``).
+    """
+    if low_mpp <= 0:
+        raise ValueError(f"low_mpp must be positive, got {low_mpp}")
+    image, (dx, dy) = slide.thumbnail_at_mpp(low_mpp, max_side, resize="area")
+    mpp = slide.mpp * (dx + dy) / 2
+    return LowView(image, segment_tissue(image, mpp, tissue), (dx, dy), mpp)
+
+
+@register_dataset("slide_images")
+class SlideImageDataset(Dataset):
+    """Slides as ``x_low`` + tissue mask + lazy ``x_high`` for pixel-level patch selection.
+
+    Args:
+        split: ``"train"``, ``"val"``, ``"test"`` (slides of that column of the split file) or ``"all"``.
+        slides_dir: folder of slide files (``<slide_id>.<ext>``).
+        labels_csv: ``case_id, slide_id, label`` (column names configurable).
+        splits_dir, fold: CLAM-style ``splits_<fold>.csv`` from ``needlework slides splits``
+            (or ``split_file`` directly).
+        low_mpp: µm/px of ``x_low`` (e.g. 8 = 1.25×).
+        high_mpp: µm/px of the patches (0.5 = 20×, 0.25 = 40×).
+        patch_size: side of the models' patches in ``x_high`` pixels; the canvas is padded so that the
+            patch grid covers the whole slide.
+        mpp_csv: per-slide level-0 µm/px overrides (``wsi, mpp``) for files without resolution tags.
+        max_low_side: cap on the longest side of ``x_low`` (a coarser view for huge slides).
+        tissue: :class:`~needlework.slides.tissue.TissueParams` fields (e.g. ``{"min_area_um2": 0}``).
+        mask_low: multiply ``x_low`` by the tissue mask.
+        reader: ``"auto"``, ``"openslide"`` or ``"tiffslide"``.
+        num_threads: threads reading the patches of one call.
+        label_map, size, case_column, slide_column, label_column: as ``slide_bags``.
+        cache: keep each slide's low view in memory (per process) after the first read.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        slides_dir: str = "",
+        labels_csv: str = "",
+        splits_dir: str | None = None,
+        fold: int = 0,
+        low_mpp: float = 8.0,
+        high_mpp: float = 0.5,
+        patch_size: int = 64,
+        mpp_csv: str | None = None,
+        split_file: str | None = None,
+        max_low_side: int = 4096,
+        tissue: dict[str, Any] | None = None,
+        mask_low: bool = True,
+        reader: str = "auto",
+        num_threads: int = 1,
+        label_map: dict[str, int] | None = None,
+        size: int | None = None,
+        cache: bool = True,
+        case_column: str = "case_id",
+        slide_column: str = "slide_id",
+        label_column: str = "label",
+    ) -> None:
+        if split not in (*SPLITS, "all"):
+            raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+        if not slides_dir or not labels_csv:
+            raise ValueError("slide_images needs slides_dir= (folder of slide files) and labels_csv=")
+        if not 0 < high_mpp <= low_mpp:
+            raise ValueError(f"need 0 < high_mpp <= low_mpp, got high_mpp={high_mpp}, low_mpp={low_mpp}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        self.low_mpp, self.high_mpp, self.patch_size = float(low_mpp), float(high_mpp), int(patch_size)
+        self.ratio = self.low_mpp / self.high_mpp
+        self.max_low_side, self.mask_low, self.reader, self.num_threads = (
+            max_low_side,
+            mask_low,
+            reader,
+            num_threads,
+        )
+        try:
+            self.tissue = TissueParams(**(tissue or {}))
+        except TypeError as exc:
+            raise ValueError(f"slide_images: bad tissue= {tissue!r}: {exc}") from None
+        files = {slide_id_of(p): p for p in list_slides(slides_dir)}
+        overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
+        rows = read_label_csv(labels_csv, case_column, slide_column, label_column)
+        self.label_map = build_label_map([r["label"] for r in rows], label_map)
+        if split != "all":
+            if split_file is None and splits_dir is not None:
+                split_file = str(Path(splits_dir) / f"splits_{fold}.csv")
+            if split_file is None:
+                raise ValueError(
+                    f"split {split!r} needs split_file= or splits_dir= + fold= "
+                    "(make them with `needlework slides splits`), or use split='all'"
+                )
+            by_id = {r["slide_id"]: r for r in rows}
+            wanted = read_split_file(split_file)[split]
+            unknown = [s for s in wanted if s not in by_id]
+            if unknown:
+                raise ValueError(
+                    f"{split_file}: slides {unknown[:10]} of split {split!r} are not in {labels_csv}"
+                )
+            rows = [by_id[s] for s in wanted]
+        missing = [r["slide_id"] for r in rows if r["slide_id"] not in files]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} slide(s) of split {split!r} have no file in {slides_dir}: {missing[:10]}"
+            )
+        self.items = [
+            {
+                **r,
+                "path": files[r["slide_id"]],
+                "mpp_override": override_for(overrides, files[r["slide_id"]].name, r["slide_id"]),
+                "y": self.label_map[str(r["label"])],
+            }
+            for r in rows
+        ][:size]
+        self._cache: dict[int, LowView] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [it["y"] for it in self.items]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # workers fill their own caches; never ship the parent's arrays
+        return {**self.__dict__, "_cache": {} if self._cache is not None else None}
+
+    def low_view(self, i: int) -> LowView:
+        """The low-resolution view of slide ``i`` (cached per process when ``cache``)."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        it = self.items[i]
+        view = low_resolution_view(
+            cached_slide(it["path"], it["mpp_override"], self.reader),
+            self.low_mpp,
+            self.max_low_side,
+            self.tissue,
+        )
+        if self._cache is not None:
+            self._cache[i] = view
+        return view
+
+    def _canvas(self, h: int, w: int) -> tuple[int, int]:
+        """Low canvas ≥ ``(h, w)`` whose high raster holds whole patches over all of the slide."""
+        p, r = self.patch_size, self.ratio
+        return tuple(  # type: ignore[return-value]
+            max(n, math.ceil(math.ceil(n * r / p) * p / r - 1e-9)) for n in (h, w)
+        )
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it, view = self.items[i], self.low_view(i)
+        h, w = view.tissue.shape
+        ch, cw = self._canvas(h, w)
+        low = torch.zeros(3, ch, cw)
+        tissue = torch.zeros(1, ch, cw)
+        tissue[0, :h, :w] = torch.from_numpy(view.tissue.astype(np.float32))
+        low[:, :h, :w] = torch.from_numpy(view.image).permute(2, 0, 1).float().div_(255.0)
+        if self.mask_low:
+            low = low * tissue
+        reader = SlidePatchReader(it["path"], it["mpp_override"], self.reader, self.num_threads)
+        return {
+            "x_low": low,
+            "tissue": tissue,
+            "x_high": SlidePixels.from_low([reader], [view.downsample], (ch, cw), self.ratio),
+            "low_downsample": torch.tensor(view.downsample, dtype=torch.float64),
+            "label": torch.tensor(it["y"], dtype=torch.int64),
+            "slide_id": it["slide_id"],
+            "case_id": it["case_id"],
+            "index": i,
+        }
+
+
+@register_collate("slide_pixels")
+def collate_slide_pixels(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch ``slide_images`` items: ``x_low`` ``(B, 3, h, w)`` and ``tissue`` ``(B, 1, h, w)`` zero-padded
+    to the largest, ``x_high`` one :class:`SlidePixels` on the padded canvas, ``label`` ``(B,)``,
+    ``low_downsample`` ``(B, 2)``, ``index`` ``(B,)``, ``slide_id``/``case_id`` lists."""
+    if not samples:
+        raise ValueError("slide_pixels needs at least one sample")
+    h = max(s["x_low"].shape[1] for s in samples)
+    w = max(s["x_low"].shape[2] for s in samples)
+    x_low = torch.zeros(len(samples), 3, h, w)
+    tissue = torch.zeros(len(samples), 1, h, w)
+    for b, s in enumerate(samples):
+        _, sh, sw = s["x_low"].shape
+        x_low[b, :, :sh, :sw] = s["x_low"]
+        tissue[b, :, :sh, :sw] = s["tissue"]
+    return {
+        "x_low": x_low,
+        "tissue": tissue,
+        "x_high": SlidePixels.cat([s["x_high"] for s in samples], (h, w)),
+        "low_downsample": torch.stack([s["low_downsample"] for s in samples]),
+        "label": torch.stack([torch.as_tensor(s["label"]) for s in samples]),
+        "index": torch.tensor([int(s["index"]) for s in samples]),
+        "slide_id": [s["slide_id"] for s in samples],
+        "case_id": [s["case_id"] for s in samples],
+    }
