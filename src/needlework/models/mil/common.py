@@ -138,7 +138,11 @@ class MaskedStandardize(nn.Module):
         # one real instance has no variance: use the running statistics instead of failing
         batch_stats = self.training and rows.shape[0] > 1
         normed = torch.nn.functional.batch_norm(
-            rows, norm.running_mean, norm.running_var, training=batch_stats,
-            momentum=norm.momentum, eps=norm.eps,
+            rows,
+            norm.running_mean,
+            norm.running_var,
+            training=batch_stats,
+            momentum=norm.momentum,
+            eps=norm.eps,
         )
         return x.new_zeros(x.shape).masked_scatter(mask[..., None], normed)
