@@ -114,3 +114,35 @@ class MILModel(NeedleworkModel):
         self, bag: torch.Tensor, coords: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         return check_bag(bag, coords, mask, self.in_dim)
+
+
+class MaskedStandardize(nn.Module):
+    """Per-feature standardisation of the real instances of a padded batch (``BatchNorm1d`` without affine
+    parameters, statistics over ``x[mask]`` only; padded rows come out as 0).
+
+    Tile features such as ``color_stats`` sit in ``[0, 1]`` with tiny spread around large means; models
+    that dilute a few tiles' signal in a mean (SparseConvMIL's global pooling, ZoomMIL's low-magnification
+    level) then barely move from the constant prediction. Standardising the inputs rescales that signal.
+    Training uses the batch statistics and updates running ones; evaluation uses the running ones.
+
+    ``x`` ``(B, N, D)``, ``mask`` ``(B, N)`` bool → ``(B, N, D)``.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = x[mask]
+        norm = self.norm
+        # one real instance has no variance: use the running statistics instead of failing
+        batch_stats = self.training and rows.shape[0] > 1
+        normed = torch.nn.functional.batch_norm(
+            rows,
+            norm.running_mean,
+            norm.running_var,
+            training=batch_stats,
+            momentum=norm.momentum,
+            eps=norm.eps,
+        )
+        return x.new_zeros(x.shape).masked_scatter(mask[..., None], normed)

@@ -1,14 +1,17 @@
 """SparseConvMIL (Lerousseau et al., MICCAI COMPAY 2021) on tile features (METHODS.md §9).
 
-0. Optionally (training only) sample ``tiles_per_bag`` tiles per bag, without replacement by default or
+0. Optionally standardise the tile features (``input_norm``, :class:`~needlework.models.mil.common.
+   MaskedStandardize`): needed for raw features like ``color_stats``, whose few lesion tiles otherwise
+   vanish in the global mean.
+1. Optionally (training only) sample ``tiles_per_bag`` tiles per bag, without replacement by default or
    with replacement as the reference (a tile drawn twice counts twice in its site's mean).
-1. Optionally augment the tile coordinates (training only): translation by up to one site, rotation in
+2. Optionally augment the tile coordinates (training only): translation by up to one site, rotation in
    radians (or right angles), flips, per-axis scaling — :func:`needlework.ops.coord_augment.augment_coords`.
-2. Sparse map: tile at level-0 ``(x, y)`` → site ``⌊(· − min)/cell_size⌋``; tiles sharing a site are
+3. Sparse map: tile at level-0 ``(x, y)`` → site ``⌊(· − min)/cell_size⌋``; tiles sharing a site are
    averaged (:func:`needlework.ops.sparse_map.coords_to_sites`).
-3. Submanifold sparse convolutions (``SubMConv → ReLU`` per entry of ``channels``), gather + matmul by
+4. Submanifold sparse convolutions (``SubMConv → ReLU`` per entry of ``channels``), gather + matmul by
    default (:mod:`needlework.ops.sparse_conv`), ``backend="spconv"`` optionally.
-4. Sparse global average pooling over each bag's active sites; ``Linear → ReLU → Linear`` classifier.
+5. Sparse global average pooling over each bag's active sites; ``Linear → ReLU → Linear`` classifier.
 
 ``attention`` is each tile's weight in the global mean, ``1 / (n_sites · tiles on its site)``;
 ``collision_rate`` is the fraction of tiles averaged into an already occupied site. The model is
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from needlework.models.mil.common import MILModel, register_mil_model
+from needlework.models.mil.common import MaskedStandardize, MILModel, register_mil_model
 from needlework.ops.coord_augment import augment_coords
 from needlework.ops.sparse_conv import SubmanifoldConv2d, neighbor_table, sparse_global_mean
 from needlework.ops.sparse_map import coords_to_sites, sample_instances
@@ -57,6 +60,7 @@ class SparseConvMIL(MILModel):
         translate: random translation up to one ``cell_size``.
         tiles_per_bag: tiles sampled per bag in training (None = all; evaluation always uses all).
         sample_with_replacement: sample with replacement (reference) instead of without.
+        input_norm: standardise the features of the real tiles first (running statistics in evaluation).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class SparseConvMIL(MILModel):
         translate: bool = True,
         tiles_per_bag: int | None = None,
         sample_with_replacement: bool = False,
+        input_norm: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if cell_size <= 0:
@@ -84,6 +89,7 @@ class SparseConvMIL(MILModel):
         self.augment, self.rotation, self.flip, self.translate = augment, rotation, flip, translate
         self.scale = tuple(scale) if scale is not None else None
         self.tiles_per_bag, self.sample_with_replacement = tiles_per_bag, sample_with_replacement
+        self.input_norm = MaskedStandardize(in_dim) if input_norm else None
         widths = [in_dim, *channels]
         self.convs = nn.ModuleList(
             SubmanifoldConv2d(a, b, kernel_size, backend=backend) for a, b in itertools.pairwise(widths)
@@ -101,6 +107,8 @@ class SparseConvMIL(MILModel):
         if coords is None:
             raise ValueError("SparseConvMIL needs coords (B, N, 2): level-0 (x, y) of every tile")
         mask = self._check(bag, coords, mask)
+        if self.input_norm is not None:
+            bag = self.input_norm(bag, mask)
         weights = None
         if self.training and self.tiles_per_bag is not None:
             weights = sample_instances(mask, self.tiles_per_bag, self.sample_with_replacement)

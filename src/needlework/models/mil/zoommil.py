@@ -7,7 +7,9 @@ gated attention gives ``A`` and ``M_l = Σ A h``; a second gated-attention head 
 ``perturbed_topk`` selects ``K = min(k, rows)`` instances (soft indicators in training, hard top-K in
 evaluation); only their children are carried to the next level. ``logits = Linear(Σ_l M_l)``. The auxiliary
 heads learn only through the perturbed top-K gradient (``jacobian="outer"``, the correct one, by default;
-``"diagonal"`` reproduces the reference code).
+``"diagonal"`` reproduces the reference code). With ``input_norm`` every level's features are first
+standardised (:class:`~needlework.models.mil.common.MaskedStandardize`, one per level): raw features such
+as ``color_stats`` (tiny spread around large means) otherwise leave the model at the constant prediction.
 
 Inputs beyond the contract's ``bag`` / ``coords`` / ``mask``, for ``l = 1 … num_levels − 1``:
 
@@ -36,7 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from needlework.models.mil.common import GatedAttention, MILModel, feature_projector, register_mil_model
+from needlework.models.mil.common import (
+    GatedAttention,
+    MaskedStandardize,
+    MILModel,
+    feature_projector,
+    register_mil_model,
+)
 from needlework.ops.zoom import TensorTiles, ZoomRows, embed_rows
 from needlework.registry import create_encoder
 
@@ -63,6 +71,8 @@ class ZoomMIL(MILModel):
         share_levels: one ``W`` and attention pair for all levels instead of one per level.
         child_encoder: registry name of the encoder for ``tiles_<l>`` inputs (its ``embed_dim`` must be
             ``in_dim``); ``child_encoder_kwargs`` its arguments.
+        input_norm: standardise each level's features (statistics over its real instances; running ones
+            in evaluation) before ``W``.
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class ZoomMIL(MILModel):
         share_levels: bool = False,
         child_encoder: str | None = None,
         child_encoder_kwargs: dict[str, Any] | None = None,
+        input_norm: bool = False,
     ) -> None:
         super().__init__(in_dim, num_classes)
         if num_levels < 1:
@@ -99,6 +110,9 @@ class ZoomMIL(MILModel):
             for _ in range(min(n_modules, num_levels - 1))
         )
         self.classifier = nn.Linear(hidden_dim, num_classes)
+        self.input_norm = (
+            nn.ModuleList(MaskedStandardize(in_dim) for _ in range(num_levels)) if input_norm else None
+        )
         self.child_encoder = None
         if child_encoder is not None:
             self.child_encoder = create_encoder(child_encoder, **(child_encoder_kwargs or {}))
@@ -143,6 +157,8 @@ class ZoomMIL(MILModel):
         mask = self._check(bag, coords, mask)
         b, n0, _ = bag.shape
         rows = ZoomRows.identity(b, n0, bag.device)
+        if self.input_norm is not None:
+            bag = self.input_norm[0](bag, mask)
         x, valid, n_orig = bag, mask, n0
         original_valid = mask
         total = None
@@ -178,11 +194,16 @@ class ZoomMIL(MILModel):
                 child_valid = child_valid & given.bool()
             original_valid, n_orig = child_valid, n_next
             valid = rows.gather(child_valid.to(bag.dtype)) >= 0.5
+            norm = None if self.input_norm is None else self.input_norm[level + 1]
             if feats is not None:
+                if norm is not None:  # statistics of every real child of the level, selected or not
+                    feats = norm(feats, child_valid)
                 x = rows.gather(feats)
                 out["embedded_children"].append(0)
             else:
                 x, count = embed_rows(rows, source, self.child_encoder)
+                if norm is not None:  # only the selected children are embedded: their statistics
+                    x = norm(x, valid)
                 out["embedded_children"].append(count)
         out["logits"] = self.classifier(total)
         out["embedding"] = total
