@@ -128,3 +128,82 @@ def test_differentiable_path_matches_fast_path():
     fast = extract_patches(images, offsets, 5)
     slow = extract_patches(images.clone().requires_grad_(), offsets, 5)
     assert torch.equal(fast, slow.detach())
+
+
+@pytest.mark.parametrize("mask_all", [False, True])  # the CPU variant and the sync-free CUDA variant
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "channels_last", "transposed", "offset_view"],
+)
+def test_single_gather_both_variants_match_naive_loop(mask_all, layout):
+    from needlework.ops.patches import _gather_rows
+
+    gen = torch.Generator().manual_seed(7)
+    images = torch.rand(3, 2, 13, 11, generator=gen)
+    if layout == "channels_last":
+        images = images.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        images = torch.rand(3, 2, 11, 13, generator=gen).transpose(2, 3)
+    elif layout == "offset_view":
+        images = torch.rand(4, 3, 16, 15, generator=gen)[1:, 1:, 2:15, 3:14]
+    size = (4, 5)
+    offsets = _offsets(3, 50, (13, 11), size, gen)
+    # the very first and last storage rows with the corner outside along x: their clamped start moves
+    offsets[0, 0] = torch.tensor([-3, 0])
+    offsets[-1, -1] = torch.tensor([8, 9])
+    out = _gather_rows(images, offsets.flip(-1), size, mask_all=mask_all)
+    assert torch.equal(out, naive_patches(images.contiguous(), offsets, size))
+
+
+@pytest.mark.parametrize("mask_all", [False, True])
+def test_outside_elements_are_exact_zeros_even_next_to_nan(mask_all):
+    """Border rows read the neighbouring storage; the mask must replace (not multiply) what they read."""
+    from needlework.ops.patches import _gather_rows
+
+    images = torch.full((2, 1, 6, 6), float("nan"))
+    images[:, :, 1:5, 1:5] = 1.0  # NaN on the image's rim, the first thing a border row reads
+    offsets = torch.tensor([[[-3, 2], [4, -2]], [[3, 4], [-1, -1]]])
+    out = _gather_rows(images, offsets.flip(-1), (3, 3), mask_all=mask_all)
+    ref = naive_patches(images, offsets, (3, 3))
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("mask_all", [False, True])
+def test_single_gather_1d_3d_both_variants(d, mask_all):
+    from needlework.ops.patches import _gather_rows
+
+    gen = torch.Generator().manual_seed(8)
+    spatial, size = ((19,), (4,)) if d == 1 else ((6, 7, 8), (2, 3, 4))
+    images = torch.rand(2, 3, *spatial, generator=gen)
+    offsets = _offsets(2, 30, spatial, size, gen)
+    out = _gather_rows(images, offsets.flip(-1), size, mask_all=mask_all)
+    assert torch.equal(out, naive_patches(images, offsets, size))
+
+
+def test_sync_free_variant_runs_a_fixed_number_of_ops_whatever_the_patch_count():
+    """The CUDA variant is not launch-bound: no op per patch (counted at the ATen dispatcher)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from needlework.ops.patches import _gather_rows
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(9)
+    images = torch.rand(4, 3, 64, 64, generator=gen)
+    counts = []
+    for n in (8, 512):
+        offsets = torch.randint(4, 40, (4, n, 2), generator=gen)  # inside: no fallback row
+        offsets[:, 0] = -3  # a border patch in every image
+        with Count() as c:
+            _gather_rows(images, offsets.flip(-1), (16, 16), mask_all=True)
+        counts.append(c.ops)
+    assert counts[0] == counts[1] < 120  # views included; the old border path added ops per patch

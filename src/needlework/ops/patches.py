@@ -1,9 +1,10 @@
 """Vectorised patch extraction at integer corners, with zeros outside the image (METHODS §1.1).
 
-Patches wholly inside the image are copied row by row with one ``index_select`` on an overlapping strided
-view of the image (every patch row is a contiguous run): no padding, no copy of the image, no Python loop.
-Patches that cross the border (usually few) are redone by per-element advanced indexing with clamped
-indices and an in-bounds mask, which also serves inputs that require gradients. Any dtype and device.
+Every patch row is copied as one contiguous run by a single ``index_select`` on an overlapping strided
+view of the image's storage: no padding, no copy of the image, no Python loop, a fixed number of kernels
+whatever the number of patches. Rows of patches that cross the border are read from the neighbouring
+storage and their outside elements zeroed with a mask. Inputs that require gradients use per-element
+advanced indexing with clamped indices and an in-bounds mask (differentiable). Any dtype and device.
 
 ``images`` may also be a *patch source*: any object with a ``shape`` ``(B, C, *S)`` and a method
 ``read_patches(offsets, size) -> (B, n, C, *size)`` (e.g. :class:`needlework.slides.patch_reader.SlidePixels`,
@@ -60,37 +61,93 @@ def _gather_indexed(
     return torch.where(inside, images[tuple(index)], torch.zeros((), dtype=images.dtype, device=dev))
 
 
-def _gather_segments(images: torch.Tensor, corners: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Fast path for patches inside the image: copy whole rows of ``size[-1]`` elements at once.
+def _row_starts(images: torch.Tensor, corners: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Storage offset of the first element of every patch row: ``(B, n, C, *size[:-1])`` int64.
 
-    An overlapping strided view of the image's storage has one row per possible start position, so a
-    single ``index_select`` copies every patch row as a contiguous run (about 7× faster on CPU than
-    per-element indexing). ``corners`` ``(B, n, d)`` in axis order, all patches inside the image.
+    Computed from the true (possibly out-of-image) corners; a row whose corner leaves the image along the
+    last axis simply starts before or after the row in storage (its outside elements are masked later).
     """
-    B, C, *spatial = images.shape
-    d = len(spatial)
+    B, C, *_ = images.shape
+    d = corners.shape[-1]
+    lead = d - 1
     n = corners.shape[1]
     dev = images.device
-    strides = images.stride()
+    st = images.stride()
+    ones = [1] * lead
+    start = (
+        images.storage_offset() + corners[:, :, -1] * st[-1] + (torch.arange(B, device=dev) * st[0])[:, None]
+    )
+    start = start.view(B, n, 1, *ones) + (torch.arange(C, device=dev) * st[1]).view(1, 1, C, *ones)
+    for axis in range(lead):
+        shape = [1] * lead
+        shape[axis] = size[axis]
+        pos = corners[:, :, axis].view(B, n, 1, *ones) + torch.arange(size[axis], device=dev).view(
+            1, 1, 1, *shape
+        )
+        start = start + pos * st[2 + axis]
+    return start
+
+
+def _gather_rows(
+    images: torch.Tensor, corners: torch.Tensor, size: tuple[int, ...], mask_all: bool | None = None
+) -> torch.Tensor:
+    """Every patch by one ``index_select`` of whole rows from an overlapping strided view; zeros outside.
+
+    ``rows`` has one row of ``size[-1]`` elements per storage position, so a patch row is one contiguous
+    (or evenly strided) run, copied without a per-element index: the whole extraction is a single gather,
+    about a dozen kernels whatever the number of patches (no Python loop, no padded copy of the image).
+    Patches that cross the border read clamped rows and get their outside elements zeroed with a mask
+    (only those patches on CPU; the whole output on CUDA, which avoids a host sync). A row whose clamped
+    start moved (possible only at the very first or last row of the storage) is redone elementwise.
+    ``corners`` ``(B, n, d)`` in axis order → ``(B, n, C, *size)``; ``mask_all`` forces the CUDA
+    variant (True) or the CPU one (False) on any device (tests run both on CPU).
+    """
+    B, C, *spatial = images.shape
+    n = corners.shape[1]
+    dev = images.device
+    s_last = images.stride()[-1]
     w = size[-1]
-    last = images.storage_offset() + sum((e - 1) * st for e, st in zip(images.shape, strides))
-    rows = images.as_strided((last - (w - 1) * strides[-1] + 1, w), (1, strides[-1]), 0)
-    # start of every patch row, in storage units: (B, n, C, size[0], ..., size[d-2])
-    lead = d - 1
-    start = images.storage_offset() + (torch.arange(B, device=dev) * strides[0]).view(B, 1, 1, *([1] * lead))
-    start = start + (torch.arange(C, device=dev) * strides[1]).view(1, 1, C, *([1] * lead))
+    last = images.storage_offset() + sum((e - 1) * st for e, st in zip(images.shape, images.stride()))
+    n_rows = last - (w - 1) * s_last + 1  # row starts whose whole run stays inside the storage
+    rows = images.as_strided((n_rows, w), (1, s_last), 0)
+    start = _row_starts(images, corners, size)
+    limit = torch.tensor([e - s for e, s in zip(spatial, size)], device=dev)
+    border = ((corners < 0) | (corners > limit)).any(-1)  # (B, n): patch not wholly inside
+    on_cpu = dev.type == "cpu" if mask_all is None else not mask_all
+    if on_cpu and not bool(border.any()):
+        return rows.index_select(0, start.reshape(-1)).view(B, n, C, *size)
+    clamped = start.clamp(0, n_rows - 1)
+    out = rows.index_select(0, clamped.reshape(-1)).view(B, n, C, *size)
+    if on_cpu:  # border patches are few: mask only those
+        bi, ki = border.nonzero(as_tuple=True)
+        inside = _inside_mask(corners[bi, ki][:, None], spatial, size)[:, 0]  # (M, 1, *size)
+        out[bi, ki] = out[bi, ki].masked_fill(~inside, 0)
+        moved = ((clamped[bi, ki] != start[bi, ki]) & inside.any(-1)).flatten(1).any(1)  # (M,)
+        mb, mk = bi[moved], ki[moved]
+    else:  # mask the whole output: no host sync for the border test
+        inside = _inside_mask(corners, spatial, size)  # (B, n, 1, *size)
+        out = out.masked_fill_(~inside, 0)
+        moved = ((clamped != start) & inside.any(-1)).flatten(2).any(-1)  # (B, n)
+        if not bool(moved.any()):  # the one host sync
+            return out
+        mb, mk = moved.nonzero(as_tuple=True)
+    if len(mb):  # a row inside the image whose start was clamped: its elements would be shifted
+        out[mb, mk] = _gather_indexed(images, mb, corners[mb, mk], size)
+    return out
+
+
+def _inside_mask(corners: torch.Tensor, spatial: Sequence[int], size: tuple[int, ...]) -> torch.Tensor:
+    """``corners`` ``(M, k, d)`` → bool ``(M, k, 1, *size)``: which patch elements lie inside the image."""
+    m, k, d = corners.shape
+    inside = torch.ones((), dtype=torch.bool, device=corners.device)
     for axis in range(d):
-        pos = corners[:, :, axis]
-        if axis < lead:
-            shape = [1] * lead
-            shape[axis] = size[axis]
-            pos = pos.view(B, n, 1, *([1] * lead)) + torch.arange(size[axis], device=dev).view(
-                1, 1, 1, *shape
-            )
-        else:
-            pos = pos.view(B, n, 1, *([1] * lead))
-        start = start + pos * strides[2 + axis]
-    return rows.index_select(0, start.reshape(-1)).view(B, n, C, *size)
+        shape = [1] * d
+        shape[axis] = size[axis]
+        pos = corners[:, :, axis].view(m, k, 1, *([1] * d)) + torch.arange(
+            size[axis], device=corners.device
+        ).view(1, 1, 1, *shape)
+        inside = inside & (pos >= 0) & (pos < spatial[axis])
+    return inside
 
 
 def extract_patches_nd(
@@ -137,13 +194,7 @@ def extract_patches_nd(
     ):
         batch = torch.arange(B, device=images.device).repeat_interleave(n)
         return _gather_indexed(images, batch, corners.reshape(B * n, d), size_t).view(B, n, C, *size_t)
-    limit = torch.tensor([e - s for e, s in zip(spatial, size_t)], device=images.device)
-    border = ((corners < 0) | (corners > limit)).any(-1)  # (B, n): patch not wholly inside
-    out = _gather_segments(images, torch.minimum(corners.clamp_min(0), limit), size_t)
-    if bool(border.any()):  # few patches cross the border: redo them on the general path
-        bi, ki = border.nonzero(as_tuple=True)
-        out[bi, ki] = _gather_indexed(images, bi, corners[bi, ki], size_t)
-    return out
+    return _gather_rows(images, corners, size_t)
 
 
 def extract_patches(images: torch.Tensor, offsets: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
