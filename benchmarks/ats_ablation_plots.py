@@ -142,6 +142,9 @@ def plot_variance(entry: dict[str, Any], folder: Path, tiny: bool) -> Path:
         if group == "features" and loss == "linear" and not replace:
             axes[0].loglog(ns, trace[0] * ns[0] / ns, "k--", linewidth=0.8, label="∝ 1/n")
         axes[1].semilogx(ns, [r["bias"] / r["exact_norm"] for r in sel], marker="o", color=style["color"])
+    for ax in axes:  # label the measured n only (log-axis minor labels overlap)
+        ax.set_xticks(sorted({r["n"] for r in rows}), [str(n) for n in sorted({r["n"] for r in rows})])
+        ax.minorticks_off()
     axes[0].set_xlabel("patches n")
     axes[0].set_ylabel("trace of gradient covariance")
     axes[0].legend(fontsize=6)

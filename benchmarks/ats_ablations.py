@@ -296,6 +296,7 @@ def save(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)  # a crash never leaves half a file
 
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("epochs", "epoch-images", "test", "probes", "channels", "batch"):
         ap.add_argument(f"--{name}", type=int, help="override the preset")
     ap.add_argument("--draws", type=int, help="variance study: draws per number of patches")
-    ap.add_argument("--attention-std", type=float, default=1.0, help="variance study: last-layer init std")
+    ap.add_argument("--attention-std", type=float, default=10.0, help="variance study: last-layer init std")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--figures", type=Path, default=FIGURES)
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 "study": "variance",
                 "setup": asdict(setup),
                 "versions": versions(),
+                "attention_std": args.attention_std,
                 **record,
             }
             save(args.out, data)

@@ -122,7 +122,7 @@ def test_mil_study_tiny_on_needle_mnist_views(ablations, tmp_path):
 
 
 def test_variance_study_tiny(ablations, tmp_path):
-    data = _run(ablations, tmp_path, "--study", "variance", "--draws", "8")
+    data = _run(ablations, tmp_path, "--study", "variance", "--draws", "8", "--attention-std", "1")
     entry = data["studies"]["variance/megapixel_mnist300/tiny"]
     rows = entry["rows"]
     assert {r["n"] for r in rows} == {2, 5} and {r["loss"] for r in rows} == {"linear", "cross_entropy"}
