@@ -1,0 +1,141 @@
+"""Attention metrics against hand-computed values; the ATS ablation script on a tiny grid (issue #18)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from needlework.metrics import attention_entropy, js_distance, object_mass, pool_attention, total_variation
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+def test_entropy_hand_values():
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    assert attention_entropy(a).tolist() == pytest.approx([math.log(2), math.log(4), 0.0])
+    assert attention_entropy(a, normalised=True).tolist() == pytest.approx([0.5, 1.0, 0.0])
+    # a (B, h, w) map is the same distribution as its flattening
+    assert attention_entropy(a.view(3, 2, 2)).tolist() == pytest.approx(attention_entropy(a).tolist())
+
+
+def test_total_variation_and_js_hand_values():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [0.2, 0.3, 0.5]])
+    assert total_variation(p, q).tolist() == pytest.approx([0.5, 1.0, 0.0])
+    # m = (¼, ½, ¼): KL(p‖m) = ½·log2(2) = ½ = KL(q‖m), so JSD = ½ and the distance is √½
+    assert js_distance(p, q).tolist() == pytest.approx([math.sqrt(0.5), 1.0, 0.0], abs=1e-7)
+    assert js_distance(q, p).tolist() == pytest.approx(js_distance(p, q).tolist())
+
+
+def test_distances_reject_different_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        total_variation(torch.ones(1, 4) / 4, torch.ones(1, 5) / 5)
+
+
+def test_object_mass_hand_values():
+    a = torch.tensor([[[0.4, 0.1], [0.2, 0.3]]]).repeat(4, 1, 1)  # 2×2 cells of 2×2 px over a 4×4 image
+    boxes = [
+        torch.tensor([[0.0, 0.0, 2.0, 2.0]]),  # exactly the top-left cell
+        torch.tensor([[1.0, 1.0, 3.0, 3.0]]),  # one pixel of each cell: ¼ of every cell's mass
+        torch.tensor([[2.0, 0.0, 4.0, 2.0], [2.0, 0.0, 4.0, 2.0], [-5.0, 2.0, 2.0, 9.0]]),  # dup + clipped
+        torch.zeros(0, 4),  # no object
+    ]
+    got = object_mass(a, boxes, (4, 4)).tolist()
+    assert got == pytest.approx([0.4, 0.25, 0.1 + 0.2, 0.0])
+
+
+def test_object_mass_of_uniform_attention_is_the_box_area_fraction():
+    a = torch.full((1, 10, 10), 0.01)
+    box = torch.tensor([[30.0, 40.0, 58.0, 68.0]])  # 28² digit in a 100² image
+    assert object_mass(a, [box], (100, 100)).item() == pytest.approx(28 * 28 / 100**2)
+
+
+def test_object_mass_errors_name_the_problem():
+    with pytest.raises(ValueError, match="box lists"):
+        object_mass(torch.ones(2, 2, 2) / 4, [torch.zeros(0, 4)], (4, 4))
+    with pytest.raises(ValueError, match="smaller than the attention map"):
+        object_mass(torch.ones(1, 8, 8) / 64, [torch.zeros(0, 4)], (4, 4))
+
+
+def test_pool_attention_sums_blocks():
+    a = torch.arange(16.0).view(1, 4, 4)
+    pooled = pool_attention(a, (2, 2))
+    assert pooled.tolist() == [[[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]]]
+    assert pooled.sum().item() == pytest.approx(a.sum().item())
+    with pytest.raises(ValueError, match="must divide"):
+        pool_attention(a, (3, 3))
+
+
+# -- the script on a tiny grid ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ablations():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("ats_ablations")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _run(mod, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "ats.json"
+    mod.main([*args, "--tiny", "--out", str(out), "--figures", str(tmp_path / "fig")])
+    return json.loads(out.read_text())
+
+
+def test_entropy_study_tiny_writes_json_and_figures_and_resumes(ablations, tmp_path, capsys):
+    data = _run(ablations, tmp_path, "--study", "entropy")
+    entry = data["studies"]["entropy/megapixel_mnist300/tiny"]
+    assert sorted(entry["runs"]) == ["lambda=0", "lambda=0.01", "lambda=0.1", "lambda=1"]
+    grid = entry["setup"]["canvas"] // 50
+    for run in entry["runs"].values():
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        for e in run["epochs"]:
+            assert 0.0 <= e["test_acc"] <= 1.0 and 0.0 <= e["object_mass"] <= 1.0
+            assert 0.0 < e["entropy_norm"] <= 1.0 + 1e-6  # float32 attention
+            assert len(e["maps"]) == entry["setup"]["probes"] and len(e["maps"][0]) == grid * grid
+            assert sum(e["maps"][0]) == pytest.approx(1.0, abs=1e-4)
+    # every pair of the 4 runs at both epochs, distances in [0, 1]
+    assert len(entry["distances"]) == 6 * 2
+    assert all(0.0 <= d["tv"] <= 1.0 and 0.0 <= d["js"] <= 1.0 for d in entry["distances"])
+    for name in ("ats_entropy_tiny.png", "ats_curves_tiny.png"):
+        assert (tmp_path / "fig" / name).read_bytes()[:4] == b"\x89PNG"
+    # a second call finds every run done and leaves them untouched
+    capsys.readouterr()
+    again = _run(ablations, tmp_path, "--study", "entropy")
+    assert capsys.readouterr().out.count("skip") == 4
+    assert again["studies"]["entropy/megapixel_mnist300/tiny"]["runs"] == entry["runs"]
+
+
+def test_mil_study_tiny_on_needle_mnist_views(ablations, tmp_path):
+    data = _run(ablations, tmp_path, "--study", "mil", "--canvas", "128", "--epochs", "1")
+    entry = data["studies"]["mil/needle_mnist128/tiny"]
+    assert sorted(entry["runs"]) == ["ATS", "attention-MIL"]
+    assert len(entry["runs"]["attention-MIL"]["epochs"][0]["maps"][0]) == (128 // 64) ** 2
+    assert (tmp_path / "fig" / "ats_vs_mil_needle128_tiny.png").exists()
+
+
+def test_variance_study_tiny(ablations, tmp_path):
+    data = _run(ablations, tmp_path, "--study", "variance", "--draws", "8", "--attention-std", "1")
+    entry = data["studies"]["variance/megapixel_mnist300/tiny"]
+    rows = entry["rows"]
+    assert {r["n"] for r in rows} == {2, 5} and {r["loss"] for r in rows} == {"linear", "cross_entropy"}
+    assert all(r["trace"] > 0 and math.isfinite(r["bias_z"]) for r in rows)
+    assert (tmp_path / "fig" / "ats_variance_tiny.png").exists()
+
+
+def test_corrupt_results_file_is_a_clear_error(ablations, tmp_path):
+    (tmp_path / "ats.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        _run(ablations, tmp_path, "--study", "entropy")
+
+
+def test_bad_needle_canvas_is_a_clear_error(ablations, tmp_path):
+    with pytest.raises(SystemExit, match="multiple of 64"):
+        _run(ablations, tmp_path, "--study", "entropy", "--canvas", "100")
