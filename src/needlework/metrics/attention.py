@@ -87,7 +87,7 @@ def object_mass(
 
     Example:
         >>> a = torch.tensor([[[0.4, 0.1], [0.2, 0.3]]])  # 2×2 cells of a 4×4 image
-        >>> object_mass(a, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], (4, 4)).item().__round__(6)  # the top-left cell
+        >>> object_mass(a, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], (4, 4)).item().__round__(6)
         0.4
     """
     B, h, w = check_shape(attention_map, ["B", "h", "w"], "attention_map").values()
