@@ -133,7 +133,7 @@ def _tile(parser: ArgumentParser, cfg: Namespace) -> int:
 
     cfg = instantiate(parser, cfg)
     job = build(parser, TileJobConfig, cfg)
-    summary = run_tiling(cfg.slides, job, cfg.mpp_csv, cfg.skip_errors, cfg.ray_address)
+    summary = run_tiling(cfg.slides, job, cfg.mpp_csv, cfg.skip_errors, cfg.ray_address, cfg.wait_busy_s)
     print(f"tiles in {job.tiling_dir / 'patches'}")
     return _finish(summary)
 
@@ -143,7 +143,7 @@ def _embed(parser: ArgumentParser, cfg: Namespace) -> int:
 
     cfg = instantiate(parser, cfg)
     job = build(parser, EmbedJobConfig, cfg)
-    summary = run_embedding(cfg.slides, job, cfg.skip_errors, cfg.ray_address)
+    summary = run_embedding(cfg.slides, job, cfg.skip_errors, cfg.ray_address, cfg.wait_busy_s)
     print(f"features in {job.features_dir}")
     return _finish(summary)
 

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +26,36 @@ BUSY_HINT = (
 )
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
+@contextlib.contextmanager
+def _atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield ``<path>.tmp<pid>`` to write; on success fsync it and rename it to ``path``. On any error
+    (a full disk, a crash of the writer) the temporary file is removed and ``path`` keeps its old content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    with _atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def save_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 3) -> Path:
@@ -52,12 +65,9 @@ def save_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 3
     """
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
-    return path
+    with _atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
+    return Path(path)
 
 
 def read_status(path: str | Path) -> dict[str, Any] | None:
