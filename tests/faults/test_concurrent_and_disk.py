@@ -34,7 +34,7 @@ def test_two_concurrent_runs_share_the_job_and_do_each_slide_once(small_cohort, 
     slides, job = small_cohort["slides_dir"], tmp_path / "job"
     if stage == "embed":
         assert run_cli(tile_args(slides, job)).returncode == 0
-    args = (tile_args if stage == "tile" else embed_args)(slides, job) + ["--wait_busy_s", "120"]
+    args = [*(tile_args if stage == "tile" else embed_args)(slides, job), "--wait_busy_s", "120"]
     cmd = [sys.executable, "-m", "needlework", *args]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())]
     procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fault_helpers import N_SLIDES, TILING, embed_config, tile_config
 
-from needlework.io.h5 import NonFiniteFeaturesError, check_finite
 from needlework.data.bags import SlideBagDataset
+from needlework.io.h5 import NonFiniteFeaturesError, check_finite
 from needlework.slides import embed_job
 from needlework.slides.embed_job import run_embedding
 from needlework.slides.jobs import run_tiling
