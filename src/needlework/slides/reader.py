@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from needlework.slides.mpp import MPPInfo, resolve_mpp
+from needlework.slides.tiff_check import inspect_tiff
 
 SLIDE_EXTENSIONS = (
     ".svs",
@@ -348,16 +349,46 @@ def open_slide(
         raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     if not path.is_file():
         raise FileNotFoundError(f"slide not found: {path}")
+    layout = inspect_tiff(path)
+    if layout is not None and layout.truncated:
+        # tiffslide may open such a file and return blank tiles for the missing bytes: refuse it.
+        raise SlideOpenError(
+            f"cannot use slide {path}: {layout.damage()}. Copy the file again from its source."
+        )
     classes = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
     order = ["openslide", "tiffslide"] if reader == "auto" else [reader]
     errors = []
     for name in order:
         try:
-            return classes[name](path, mpp_override=mpp_override, allow_implausible=allow_implausible)
+            slide = classes[name](path, mpp_override=mpp_override, allow_implausible=allow_implausible)
         except ImportError as exc:
             errors.append(f"{name}: not installed ({exc}); pip install 'needlework[{name}]'")
+            continue
         except Exception as exc:
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if (
+            reader == "auto"
+            and name == "openslide"
+            and layout is not None
+            and layout.levels > slide.level_count
+        ):
+            # An OME-TIFF SubIFD pyramid: OpenSlide sees only the first image.
+            slide.close()
+            errors.append(
+                f"openslide sees {slide.level_count} pyramid level(s) of the {layout.levels} in the file "
+                "(an OME-TIFF SubIFD pyramid)"
+            )
+            continue
+        if errors:
+            refused = any("pyramid level" not in e for e in errors)
+            warnings.warn(
+                f"{path.name}: read with {name}, not openslide: "
+                + "; ".join(errors)
+                + (". OpenSlide refused the file: check that it is complete and intact" if refused else ""),
+                stacklevel=2,
+            )
+        return slide
     raise SlideOpenError(
         f"cannot open slide {path}: "
         + "; ".join(errors)
