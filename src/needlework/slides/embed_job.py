@@ -27,6 +27,7 @@ from needlework.slides.jobs import (
     _busy,
     _failed,
     _recorded_warnings,
+    _skipped_files,
     _status,
     _take_over_note,
     features_dir_name,
@@ -252,4 +253,5 @@ def run_embedding(
     """
     tasks, _ = make_tasks(slides)
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
-    return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address, None, wait_busy_s)
+    extra = {"skipped_files": _skipped_files(slides)}
+    return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address, extra, wait_busy_s)

@@ -36,7 +36,8 @@ from needlework.io.h5 import (
 from needlework.slides.locks import SlideLock, describe_owner
 from needlework.slides.mpp import load_mpp_overrides, override_for, unknown_overrides
 from needlework.slides.provenance import config_hash
-from needlework.slides.reader import list_slides, open_slide, slide_id_of
+from needlework.slides.reader import open_slide, slide_id_of
+from needlework.slides.scan import scan_slides
 from needlework.slides.status import (
     format_summary,
     save_png_atomic,
@@ -105,9 +106,16 @@ def make_tasks(
     slides: str | Path | Sequence[str | Path], mpp_csv: str | Path | None = None
 ) -> tuple[list[SlideTask], list[str]]:
     """Tasks for a slide folder (or list of files) and the MPP-override entries that match no slide."""
-    paths = list_slides(slides) if isinstance(slides, (str, Path)) else [Path(p) for p in slides]
+    skipped: list[dict[str, str]] = []
+    if isinstance(slides, (str, Path)):
+        paths, skipped = scan_slides(slides)
+    else:
+        paths = [Path(p) for p in slides]
+    for f in skipped:
+        warnings.warn(f"not read: {f['path']}: {f['reason']}", stacklevel=2)
     if not paths:
-        raise FileNotFoundError(f"no slides found in {slides}")
+        listed = "".join(f"\n  {f['path']}: {f['reason']}" for f in skipped)
+        raise FileNotFoundError(f"no slides found in {slides}{listed}")
     ids = [slide_id_of(p) for p in paths]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -312,6 +320,11 @@ def run_stage(
     return summary
 
 
+def _skipped_files(slides: str | Path | Sequence[str | Path]) -> list[dict[str, str]]:
+    """Files of a slide folder that are not read, with the reason (listed in the summary)."""
+    return scan_slides(slides)[1] if isinstance(slides, (str, Path)) else []
+
+
 def _retry_busy(
     tasks: list[SlideTask],
     statuses: list[dict[str, Any]],
@@ -368,7 +381,7 @@ def run_tiling(
         state_dir,
         skip_errors,
         ray_address,
-        {"unknown_mpp_overrides": unknown},
+        {"unknown_mpp_overrides": unknown, "skipped_files": _skipped_files(slides)},
         wait_busy_s,
     )
 

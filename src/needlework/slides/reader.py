@@ -24,22 +24,9 @@ import numpy as np
 from PIL import Image
 
 from needlework.slides.mpp import MPPInfo, resolve_mpp
+from needlework.slides.scan import SLIDE_EXTENSIONS, scan_slides
 from needlework.slides.tiff_check import inspect_tiff
 
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".bif",
-    ".btf",
-    ".qptiff",
-)
 READERS = ("auto", "openslide", "tiffslide")
 
 
@@ -52,8 +39,12 @@ class SlideReadError(RuntimeError):
 
 
 def slide_id_of(path: str | Path) -> str:
-    """Slide id = file name without its extension (``a.ome.tif`` → ``a``)."""
-    name = Path(path).name
+    """Slide id = file name without its extension (``a.ome.tif`` → ``a``); for a DICOM slide (a folder
+    of ``.dcm`` files) the folder's name."""
+    path = Path(path)
+    name = path.name
+    if name.lower().endswith(".dcm"):
+        return path.parent.name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -61,11 +52,9 @@ def slide_id_of(path: str | Path) -> str:
 
 
 def list_slides(folder: str | Path, extensions: tuple[str, ...] = SLIDE_EXTENSIONS) -> list[Path]:
-    """Slide files in ``folder`` (not recursive), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"slide folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    """Slides in ``folder`` (not recursive; DICOM: one sub-folder per slide), sorted by name. The files
+    that are not read, and why: :func:`~needlework.slides.scan.scan_slides`."""
+    return scan_slides(folder, extensions)[0]
 
 
 class SlideReader(ABC):
