@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slides"))
-
-from fault_helpers import N_SLIDES, tile_config
-
+from faults.fault_helpers import N_SLIDES, tile_config
 from needlework.slides.synthetic import make_synthetic_cohort
 
 
@@ -36,7 +29,7 @@ def small_cohort(tmp_path_factory):
 def reference(small_cohort, tmp_path_factory):
     """The cohort tiled and embedded without any fault, by the CLI in a child process like the runs it is
     compared with (features depend on the thread count in the last bits)."""
-    from fault_helpers import embed_args, run_cli, tile_args
+    from faults.fault_helpers import embed_args, run_cli, tile_args
 
     job_dir = tmp_path_factory.mktemp("fault_reference")
     for args in (

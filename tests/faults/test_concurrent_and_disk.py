@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from fault_helpers import (
+
+from faults.fault_helpers import (
     N_SLIDES,
     TILING,
     assert_same_outputs,
@@ -19,7 +20,6 @@ from fault_helpers import (
     tile_args,
     tile_config,
 )
-
 from needlework.slides import status as status_module
 from needlework.slides.jobs import run_tiling
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from fault_helpers import TILING, tile_config
 
+from faults.fault_helpers import TILING, tile_config
 from needlework.io.h5 import read_coords
 from needlework.slides import reader as reader_module
 from needlework.slides.jobs import run_tiling

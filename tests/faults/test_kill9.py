@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from fault_helpers import (
+from faults.fault_helpers import (
     N_SLIDES,
     TILING,
     assert_same_outputs,

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from fault_helpers import N_SLIDES, TILING, embed_config, tile_config
 
+from faults.fault_helpers import N_SLIDES, TILING, embed_config, tile_config
 from needlework.data.bags import SlideBagDataset
 from needlework.io.h5 import NonFiniteFeaturesError, check_finite
 from needlework.slides import embed_job

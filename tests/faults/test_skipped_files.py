@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from fault_helpers import tile_config
 
+from faults.fault_helpers import tile_config
 from needlework.slides import scan
 from needlework.slides.jobs import run_tiling
 from needlework.slides.status import format_summary

@@ -27,7 +27,7 @@ from needlework.slides.provenance import stamp
 from needlework.slides.reader import SlideReader
 from needlework.slides.tissue import TissueParams, mask_from_geojson, segment_tissue
 
-SEGMENTER = "saturation-otsu"
+SEGMENTER = "saturation-background"
 
 
 @dataclass
