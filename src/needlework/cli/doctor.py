@@ -99,9 +99,7 @@ def torch_checks(timeout: float = 300.0) -> list[dict[str, str]]:
         return [_check("torch", "fail", f"`import torch` failed: {tail}")]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     checks = [
-        _check(
-            "torch", "ok", f"{info['version']}, CUDA available: {info['cuda']}, {info['threads']} threads"
-        )
+        _check("torch", "ok", f"{info['version']}, CUDA available: {info['cuda']}, {info['threads']} threads")
     ]
     if info["gpus"]:
         checks.append(_check("gpus", "ok", ", ".join(info["gpus"])))
@@ -159,7 +157,17 @@ def slide_checks(
         tasks, unknown = make_tasks(slides_dir, mpp_csv)
     except Exception as exc:
         return [_check("slides", "fail", f"{type(exc).__name__}: {exc}")]
-    checks = []
+    from needlework.slides.scan import openslide_reads_dicom, scan_slides
+
+    checks = [_check("not read", "warn", f"{f['path']}: {f['reason']}") for f in scan_slides(slides_dir)[1]]
+    dicom, version = openslide_reads_dicom()
+    checks.append(
+        _check(
+            "dicom",
+            "ok" if dicom else "warn",
+            f"OpenSlide library {version}: DICOM WSI {'readable' if dicom else 'not readable'}",
+        )
+    )
     if unknown:
         checks.append(_check("mpp overrides", "warn", f"entries matching no slide: {unknown}"))
     for task in tasks[:limit]:

@@ -112,7 +112,8 @@ def _finish(summary: dict) -> int:
     from needlework.slides.status import format_summary
 
     print(format_summary(summary))
-    return 1 if summary["counts"]["failed"] else 0
+    # Busy slides were not processed by this run: the job is not finished, so do not report success.
+    return 1 if summary["counts"]["failed"] or summary["counts"]["busy"] else 0
 
 
 def _synth(parser: ArgumentParser, cfg: Namespace) -> int:
@@ -132,7 +133,7 @@ def _tile(parser: ArgumentParser, cfg: Namespace) -> int:
 
     cfg = instantiate(parser, cfg)
     job = build(parser, TileJobConfig, cfg)
-    summary = run_tiling(cfg.slides, job, cfg.mpp_csv, cfg.skip_errors, cfg.ray_address)
+    summary = run_tiling(cfg.slides, job, cfg.mpp_csv, cfg.skip_errors, cfg.ray_address, cfg.wait_busy_s)
     print(f"tiles in {job.tiling_dir / 'patches'}")
     return _finish(summary)
 
@@ -142,7 +143,7 @@ def _embed(parser: ArgumentParser, cfg: Namespace) -> int:
 
     cfg = instantiate(parser, cfg)
     job = build(parser, EmbedJobConfig, cfg)
-    summary = run_embedding(cfg.slides, job, cfg.skip_errors, cfg.ray_address)
+    summary = run_embedding(cfg.slides, job, cfg.skip_errors, cfg.ray_address, cfg.wait_busy_s)
     print(f"features in {job.features_dir}")
     return _finish(summary)
 
@@ -171,8 +172,14 @@ def _crops(parser: ArgumentParser, cfg: Namespace) -> int:
     cfg = instantiate(parser, cfg)
     crop = build(parser, CropConfig, cfg)
     rows = extract_crops(
-        cfg.slides, cfg.annotations_dir, cfg.labels_csv, cfg.out_dir, crop,
-        mpp_csv=cfg.mpp_csv, balance=cfg.balance, reader=cfg.reader,
+        cfg.slides,
+        cfg.annotations_dir,
+        cfg.labels_csv,
+        cfg.out_dir,
+        crop,
+        mpp_csv=cfg.mpp_csv,
+        balance=cfg.balance,
+        reader=cfg.reader,
     )
     for (slide_id, label), n in sorted(Counter((r["slide_id"], r["label"]) for r in rows).items()):
         print(f"{slide_id}: {n} {'positive' if label else 'negative'} crops")

@@ -109,8 +109,30 @@ class SlideBagDataset(Dataset):
                 raise FileNotFoundError(msg + " (pass on_missing='skip' to leave them out)")
             warnings.warn(msg + "; left out", stacklevel=2)
         self.items = items[:size] if size is not None else items
+        self._check_bags(split)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         self._draws = 0
+
+    def _check_bags(self, split: str) -> None:
+        """Fail now, not after the training epochs, on bags that are empty or unreadable (file metadata
+        only: the values are checked for NaN/Inf when each bag is loaded)."""
+        from needlework.io.h5 import bag_length
+
+        bad = []
+        for it in self.items:
+            try:
+                n = bag_length(it["path"])
+            except Exception as exc:
+                bad.append(f"{it['path']}: unreadable ({type(exc).__name__}: {exc})")
+                continue
+            if n == 0:
+                bad.append(f"{it['path']}: empty bag (0 tiles)")
+        if bad:
+            raise ValueError(
+                f"{len(bad)} bag(s) of split {split!r} cannot be used: "
+                + "; ".join(bad[:10])
+                + ". Re-embed those slides or remove them from the split / label CSV."
+            )
 
     def _find(self, slide_id: str) -> Path | None:
         for ext in (".h5", ".pt"):
@@ -129,11 +151,13 @@ class SlideBagDataset(Dataset):
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        from needlework.io.h5 import read_features
+        from needlework.io.h5 import check_finite, read_features
 
-        feats, coords, _ = read_features(self.items[i]["path"], mpp=self.mpp)
+        path = self.items[i]["path"]
+        feats, coords, _ = read_features(path, mpp=self.mpp)
         if len(feats) == 0:
-            raise ValueError(f"{self.items[i]['path']}: empty bag (0 tiles); remove the slide from the split")
+            raise ValueError(f"{path}: empty bag (0 tiles); remove the slide from the split")
+        check_finite(feats, str(path))
         if coords is None:
             coords = np.zeros((len(feats), 2), np.int64)
         if self._cache is not None:

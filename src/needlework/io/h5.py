@@ -87,6 +87,27 @@ def write_patches_h5(
     return Path(path)
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Features hold NaN or Inf values (an encoder or a file went wrong)."""
+
+
+def check_finite(features: np.ndarray, where: str) -> None:
+    """Raise :class:`NonFiniteFeaturesError` naming ``where`` when ``features (N, D)`` holds NaN or Inf.
+
+    One NaN in a bag makes every loss NaN, and training then "runs" to chance accuracy without an error.
+    """
+    finite = np.isfinite(features)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.reshape(len(features), -1).all(axis=1))
+    n_nan, n_inf = int(np.isnan(features).sum()), int(np.isinf(features).sum())
+    raise NonFiniteFeaturesError(
+        f"{where}: features hold {n_nan} NaN and {n_inf} Inf values in {len(rows)} of {len(features)} rows "
+        f"(first rows {rows[:5].tolist()}); re-embed the slide (needlework slides embed --overwrite true) "
+        "or remove it from the split"
+    )
+
+
 def write_features_h5(
     path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any]
 ) -> Path:
@@ -95,6 +116,7 @@ def write_features_h5(
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords):
         raise ValueError(f"features {features.shape} and coords {coords.shape} must be (N, D) and (N, 2)")
+    check_finite(features, str(path))  # never write a bag that would poison training
     with atomic_h5(path) as f:
         _set_attrs(f.create_dataset("features", data=features), attrs)
         _set_attrs(f.create_dataset("coords", data=coords), attrs)
@@ -177,6 +199,18 @@ def read_features(path: str | Path, mpp: float | None = None) -> tuple[np.ndarra
     if ps0 is not None:
         attrs["patch_size_level0"] = ps0
     return feats, coords, attrs
+
+
+def bag_length(path: str | Path) -> int:
+    """Number of feature rows of a features file (h5: from the metadata, without reading the values)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return len(read_features(path)[0])
+    with h5py.File(path, "r") as f:
+        for key in ("features", "feats"):
+            if key in f:
+                return int(f[key].shape[0]) if f[key].ndim else 0
+        raise KeyError(f"{path}: no 'features' or 'feats' dataset (keys: {sorted(f.keys())})")
 
 
 def validate_patches_h5(path: str | Path) -> bool:

@@ -15,19 +15,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from needlework.io.h5 import read_coords, validate_features_h5, validate_patches_h5, write_features_h5
+from needlework.io.h5 import (
+    check_finite,
+    read_coords,
+    validate_features_h5,
+    validate_patches_h5,
+    write_features_h5,
+)
 from needlework.slides.jobs import (
     SlideTask,
+    _busy,
     _failed,
+    _recorded_warnings,
+    _skipped_files,
     _status,
+    _take_over_note,
     features_dir_name,
     find_tiling_dir,
     make_tasks,
     patches_path,
     run_stage,
 )
+from needlework.slides.locks import SlideLock
 from needlework.slides.provenance import config_hash
-from needlework.slides.status import SlideLock, write_json_atomic
+from needlework.slides.reader import open_slide
+from needlework.slides.status import write_json_atomic
 
 
 @dataclass
@@ -115,6 +127,20 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _finished(cfg: EmbedJobConfig, patches: Path, out: Path) -> int | None:
+    """Tile count when ``out`` is a complete features file of the current patches and settings."""
+    if cfg.overwrite or not validate_patches_h5(patches):
+        return None
+    pcoords, pattrs = read_coords(patches)
+    n = len(pcoords)
+    if n and validate_features_h5(out, n):
+        fattrs = read_coords(out)[1]  # features files carry the patch attributes on their coords
+        same = fattrs.get("config_hash") == pattrs.get("config_hash")
+        if same and fattrs.get("embed_config_hash") == _embed_hash(cfg):
+            return n
+    return None
+
+
 def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     """Embed the tiles of one slide into ``features_<encoder>/<slide_id>.h5``; returns its status."""
     from needlework.slides.embed import embed_tiles
@@ -123,17 +149,17 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     patches = patches_path(cfg.tiling_dir, task.slide_id)
     out = cfg.features_dir / f"{task.slide_id}.h5"
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
-    if not cfg.overwrite and validate_patches_h5(patches):
-        pcoords, pattrs = read_coords(patches)
-        n = len(pcoords)
-        if n and validate_features_h5(out, n):
-            fattrs = read_coords(out)[1]  # features files carry the patch attributes on their coords
-            same = fattrs.get("config_hash") == pattrs.get("config_hash")
-            if same and fattrs.get("embed_config_hash") == _embed_hash(cfg):
-                return _status(task, "embed", "skipped", n_tiles=n)
+    n_done = _finished(cfg, patches, out)
+    if n_done is not None:
+        return _status(task, "embed", "skipped", n_tiles=n_done)
     lock = SlideLock(state_dir / f"{task.slide_id}.lock")
     if not lock.acquire():
-        return _status(task, "embed", "busy", error="locked by another worker")
+        return _busy(task, "embed", lock)
+    n_done = _finished(cfg, patches, out)  # another run may have finished it while we looked
+    if n_done is not None:
+        lock.release()
+        return _status(task, "embed", "skipped", n_tiles=n_done)
+    notes = _take_over_note(lock)
     try:
         try:
             if not patches.is_file():
@@ -142,6 +168,11 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
             if len(coords) == 0:
                 status = _status(task, "embed", "no_tissue", n_tiles=0, seconds=round(time.time() - t0, 3))
             else:
+                with _recorded_warnings(notes), open_slide(task.slide_path, cfg.reader) as slide:
+                    # Opened here (workers open their own) so that reader fallbacks reach the status.
+                    backend = slide.backend
+                if attrs.get("reader") and backend != attrs["reader"]:
+                    notes.append(f"tiles were cut with {attrs['reader']} but are read with {backend}")
                 encoder = _encoder(cfg)
                 fixed = getattr(encoder, "input_size", None) if task_fixed_input(encoder) else None
                 tile_size = int(cfg.tile_size or fixed or attrs["patch_size"])
@@ -168,6 +199,7 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                         cfg.reader,
                         progress=bar,
                     )
+                check_finite(feats, f"{task.slide_id}: encoder {cfg.encoder!r}")
                 meta = {k: v for k, v in attrs.items() if k not in ("layout",)}
                 meta.update(
                     encoder=cfg.encoder,
@@ -185,6 +217,8 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                     n_tiles=len(coords),
                     embed_dim=int(feats.shape[1]),
                     encoder=cfg.encoder,
+                    reader=backend,
+                    warnings=notes,
                     seconds=round(time.time() - t0, 3),
                 )
         except Exception as exc:
@@ -205,6 +239,7 @@ def run_embedding(
     cfg: EmbedJobConfig,
     skip_errors: bool = False,
     ray_address: str | None = None,
+    wait_busy_s: float = 0.0,
 ) -> dict[str, Any]:
     """Embed the tiles of every slide (after :func:`run_tiling`); returns the run summary.
 
@@ -214,7 +249,9 @@ def run_embedding(
         skip_errors: continue past failing slides and list them at the end (default: stop at the first).
         ray_address: shard the slides over Ray (``local`` or a cluster address); GPU workers unless
             ``device`` is ``cpu``.
+        wait_busy_s: wait up to this many seconds for slides that another run is processing.
     """
     tasks, _ = make_tasks(slides)
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
-    return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address)
+    extra = {"skipped_files": _skipped_files(slides)}
+    return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address, extra, wait_busy_s)

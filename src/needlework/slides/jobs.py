@@ -33,11 +33,12 @@ from needlework.io.h5 import (
     validate_patches_h5,
     write_patches_h5,
 )
+from needlework.slides.locks import SlideLock, describe_owner
 from needlework.slides.mpp import load_mpp_overrides, override_for, unknown_overrides
 from needlework.slides.provenance import config_hash
-from needlework.slides.reader import list_slides, open_slide, slide_id_of
+from needlework.slides.reader import open_slide, slide_id_of
+from needlework.slides.scan import scan_slides
 from needlework.slides.status import (
-    SlideLock,
     format_summary,
     save_png_atomic,
     summarise,
@@ -105,9 +106,16 @@ def make_tasks(
     slides: str | Path | Sequence[str | Path], mpp_csv: str | Path | None = None
 ) -> tuple[list[SlideTask], list[str]]:
     """Tasks for a slide folder (or list of files) and the MPP-override entries that match no slide."""
-    paths = list_slides(slides) if isinstance(slides, (str, Path)) else [Path(p) for p in slides]
+    skipped: list[dict[str, str]] = []
+    if isinstance(slides, (str, Path)):
+        paths, skipped = scan_slides(slides)
+    else:
+        paths = [Path(p) for p in slides]
+    for f in skipped:
+        warnings.warn(f"not read: {f['path']}: {f['reason']}", stacklevel=2)
     if not paths:
-        raise FileNotFoundError(f"no slides found in {slides}")
+        listed = "".join(f"\n  {f['path']}: {f['reason']}" for f in skipped)
+        raise FileNotFoundError(f"no slides found in {slides}{listed}")
     ids = [slide_id_of(p) for p in paths]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -124,6 +132,17 @@ def make_tasks(
 
 def _status(task: SlideTask, stage: str, status: str, **kw: Any) -> dict[str, Any]:
     return {"slide_id": task.slide_id, "slide_path": task.slide_path, "stage": stage, "status": status, **kw}
+
+
+def _busy(task: SlideTask, stage: str, lock: SlideLock) -> dict[str, Any]:
+    return _status(task, stage, "busy", error=f"locked by {lock.owner()} ({lock.path})", lock=str(lock.path))
+
+
+def _take_over_note(lock: SlideLock) -> list[str]:
+    """A status warning when the slide's lock was left by a dead run (its partial work is redone)."""
+    if lock.taken_over is None:
+        return []
+    return [f"took over the lock left by {describe_owner(lock.taken_over)}, which is no longer running"]
 
 
 def _failed(task: SlideTask, stage: str, exc: BaseException, t0: float) -> dict[str, Any]:
@@ -159,6 +178,17 @@ def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[rows][:, cols]
 
 
+def _tiled(cfg: TileJobConfig, out: Path, notes: list[str]) -> int | None:
+    """Tile count when ``out`` is a complete patch file made with the current settings."""
+    if cfg.overwrite or not validate_patches_h5(out):
+        return None
+    coords, attrs = read_coords(out)
+    if attrs.get("config_hash") == _tile_hash(cfg):
+        return len(coords)
+    notes.append("redone: the existing patch file was made with other settings")
+    return None
+
+
 def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
     """Segment and tile one slide; returns its status dict (never raises for a bad slide)."""
     t0 = time.time()
@@ -166,14 +196,17 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
     out = patches_path(tdir, task.slide_id)
     state_dir = tdir / "wsi_states" / "tile"
     notes: list[str] = []
-    if not cfg.overwrite and validate_patches_h5(out):
-        coords, attrs = read_coords(out)
-        if attrs.get("config_hash") == _tile_hash(cfg):
-            return _status(task, "tile", "skipped", n_tiles=len(coords))
-        notes.append("redone: the existing patch file was made with other settings")
+    n_done = _tiled(cfg, out, notes)
+    if n_done is not None:
+        return _status(task, "tile", "skipped", n_tiles=n_done)
     lock = SlideLock(state_dir / f"{task.slide_id}.lock")
     if not lock.acquire():
-        return _status(task, "tile", "busy", error="locked by another worker")
+        return _busy(task, "tile", lock)
+    n_done = _tiled(cfg, out, [])  # another run may have finished it while we looked
+    if n_done is not None:
+        lock.release()
+        return _status(task, "tile", "skipped", n_tiles=n_done)
+    notes += _take_over_note(lock)
     try:
         try:
             with (
@@ -243,11 +276,14 @@ def run_stage(
     skip_errors: bool = False,
     ray_address: str | None = None,
     extra: dict[str, Any] | None = None,
+    wait_busy_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run ``fn`` over ``tasks`` locally or on Ray; write and return the run summary.
 
     Without ``skip_errors`` the first failing slide stops the run with :class:`SlideJobError`
     (on Ray: after the slides in flight finish); finished slides are skipped on the next run.
+    Slides locked by another live worker ("busy") are tried again at the end of the pass, for up to
+    ``wait_busy_s`` seconds; those still busy are listed in the summary (the CLI then exits non-zero).
     """
     statuses: list[dict[str, Any]] = []
     failure: dict[str, Any] | None = None
@@ -269,6 +305,9 @@ def run_stage(
                 if status["status"] == "failed" and not skip_errors:
                     failure = status
                     break
+        if failure is None:
+            statuses = _retry_busy(tasks, statuses, fn, cfg, wait_busy_s)
+            failure = next((s for s in statuses if s["status"] == "failed" and not skip_errors), None)
     summary = summarise(statuses, stage, {"config": _jsonable(cfg), **(extra or {})})
     write_json_atomic(state_dir / "summary.json", summary)
     write_text_atomic(state_dir / "summary.md", summary_markdown(summary))
@@ -281,6 +320,33 @@ def run_stage(
     return summary
 
 
+def _skipped_files(slides: str | Path | Sequence[str | Path]) -> list[dict[str, str]]:
+    """Files of a slide folder that are not read, with the reason (listed in the summary)."""
+    return scan_slides(slides)[1] if isinstance(slides, (str, Path)) else []
+
+
+def _retry_busy(
+    tasks: list[SlideTask],
+    statuses: list[dict[str, Any]],
+    fn: Callable[[SlideTask, Any], dict[str, Any]],
+    cfg: Any,
+    wait_s: float,
+) -> list[dict[str, Any]]:
+    """Try busy slides again (their owner may have finished, or died) until none is busy or ``wait_s``
+    seconds have passed; at least once."""
+    by_id = {t.slide_id: t for t in tasks}
+    deadline = time.time() + max(0.0, wait_s)
+    while True:
+        busy = [i for i, s in enumerate(statuses) if s["status"] == "busy"]
+        if not busy:
+            return statuses
+        for i in busy:
+            statuses[i] = fn(by_id[statuses[i]["slide_id"]], cfg)
+        if time.time() >= deadline or not any(s["status"] == "busy" for s in statuses):
+            return statuses
+        time.sleep(min(1.0, max(0.0, deadline - time.time())))
+
+
 def _jsonable(cfg: Any) -> Any:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
@@ -291,6 +357,7 @@ def run_tiling(
     mpp_csv: str | Path | None = None,
     skip_errors: bool = False,
     ray_address: str | None = None,
+    wait_busy_s: float = 0.0,
 ) -> dict[str, Any]:
     """Tile every slide of a folder (or list) into ``cfg.job_dir``; returns the run summary.
 
@@ -300,12 +367,22 @@ def run_tiling(
         mpp_csv: per-slide MPP override CSV (columns ``wsi,mpp`` or ``slide_id,mpp``).
         skip_errors: continue past failing slides and list them at the end (default: stop at the first).
         ray_address: shard the slides over Ray (``local`` or a cluster address).
+        wait_busy_s: wait up to this many seconds for slides that another run is processing (they are
+            then skipped when that run finished them, or done here when it died).
     """
     tasks, unknown = make_tasks(slides, mpp_csv)
     state_dir = cfg.tiling_dir / "wsi_states" / "tile"
     write_json_atomic(cfg.tiling_dir / "config_tile.json", _jsonable(cfg))
     return run_stage(
-        "tile", tasks, tile_one, cfg, state_dir, skip_errors, ray_address, {"unknown_mpp_overrides": unknown}
+        "tile",
+        tasks,
+        tile_one,
+        cfg,
+        state_dir,
+        skip_errors,
+        ray_address,
+        {"unknown_mpp_overrides": unknown, "skipped_files": _skipped_files(slides)},
+        wait_busy_s,
     )
 
 

@@ -81,12 +81,34 @@ def _from_properties(props: Mapping[str, Any]) -> tuple[float, float, str] | Non
             factor = _UNIT_TO_UM[unit]
             return factor / xres, factor / (yres or xres), "tiff.XResolution"
     desc = str(props.get("tiff.ImageDescription", ""))
-    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', desc)
-    if match and _float(match.group(1)):
-        ym = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', desc)
-        x = float(match.group(1))
-        return x, _float(ym.group(1)) if ym else x, "ome.PhysicalSizeX"
+    x = _ome_size(desc, "X")
+    if x is not None:
+        return x, _ome_size(desc, "Y") or x, "ome.PhysicalSizeX"
     return None
+
+
+# OME-XML length units (UnitsLength) → µm; OME's default unit is µm.
+_OME_UNITS_UM = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6,
+    "in": 25400.0, "mil": 25.4,
+}  # fmt: skip
+
+
+def _ome_size(desc: str, axis: str) -> float | None:
+    """``PhysicalSize<axis>`` of the first OME ``Pixels`` element, converted to µm with its unit."""
+    match = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', desc)
+    value = _float(match.group(1)) if match else None
+    if value is None:
+        return None
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', desc)
+    name = unit.group(1).strip() if unit else "µm"
+    name = {"μm": "µm", "Å": "Å"}.get(name, name)
+    if name not in _OME_UNITS_UM:
+        raise MissingMPPError(
+            f"OME PhysicalSize{axis}Unit {name!r} is not a length unit needlework knows "
+            f"({sorted(_OME_UNITS_UM)}); give the MPP in an override CSV with --mpp_csv"
+        )
+    return value * _OME_UNITS_UM[name]
 
 
 def objective_power(props: Mapping[str, Any]) -> float | None:

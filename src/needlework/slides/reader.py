@@ -24,21 +24,9 @@ import numpy as np
 from PIL import Image
 
 from needlework.slides.mpp import MPPInfo, resolve_mpp
+from needlework.slides.scan import SLIDE_EXTENSIONS, scan_slides
+from needlework.slides.tiff_check import inspect_tiff
 
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".bif",
-    ".btf",
-    ".qptiff",
-)
 READERS = ("auto", "openslide", "tiffslide")
 
 
@@ -51,8 +39,12 @@ class SlideReadError(RuntimeError):
 
 
 def slide_id_of(path: str | Path) -> str:
-    """Slide id = file name without its extension (``a.ome.tif`` → ``a``)."""
-    name = Path(path).name
+    """Slide id = file name without its extension (``a.ome.tif`` → ``a``); for a DICOM slide (a folder
+    of ``.dcm`` files) the folder's name."""
+    path = Path(path)
+    name = path.name
+    if name.lower().endswith(".dcm"):
+        return path.parent.name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -60,11 +52,9 @@ def slide_id_of(path: str | Path) -> str:
 
 
 def list_slides(folder: str | Path, extensions: tuple[str, ...] = SLIDE_EXTENSIONS) -> list[Path]:
-    """Slide files in ``folder`` (not recursive), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"slide folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    """Slides in ``folder`` (not recursive; DICOM: one sub-folder per slide), sorted by name. The files
+    that are not read, and why: :func:`~needlework.slides.scan.scan_slides`."""
+    return scan_slides(folder, extensions)[0]
 
 
 class SlideReader(ABC):
@@ -362,16 +352,46 @@ def open_slide(
         raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     if not path.is_file():
         raise FileNotFoundError(f"slide not found: {path}")
+    layout = inspect_tiff(path)
+    if layout is not None and layout.truncated:
+        # tiffslide may open such a file and return blank tiles for the missing bytes: refuse it.
+        raise SlideOpenError(
+            f"cannot use slide {path}: {layout.damage()}. Copy the file again from its source."
+        )
     classes = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
     order = ["openslide", "tiffslide"] if reader == "auto" else [reader]
     errors = []
     for name in order:
         try:
-            return classes[name](path, mpp_override=mpp_override, allow_implausible=allow_implausible)
+            slide = classes[name](path, mpp_override=mpp_override, allow_implausible=allow_implausible)
         except ImportError as exc:
             errors.append(f"{name}: not installed ({exc}); pip install 'needlework[{name}]'")
+            continue
         except Exception as exc:
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if (
+            reader == "auto"
+            and name == "openslide"
+            and layout is not None
+            and layout.levels > slide.level_count
+        ):
+            # An OME-TIFF SubIFD pyramid: OpenSlide sees only the first image.
+            slide.close()
+            errors.append(
+                f"openslide sees {slide.level_count} pyramid level(s) of the {layout.levels} in the file "
+                "(an OME-TIFF SubIFD pyramid)"
+            )
+            continue
+        if errors:
+            refused = any("pyramid level" not in e for e in errors)
+            warnings.warn(
+                f"{path.name}: read with {name}, not openslide: "
+                + "; ".join(errors)
+                + (". OpenSlide refused the file: check that it is complete and intact" if refused else ""),
+                stacklevel=2,
+            )
+        return slide
     raise SlideOpenError(
         f"cannot open slide {path}: "
         + "; ".join(errors)

@@ -7,38 +7,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
-import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from needlework.slides.locks import SlideLock as SlideLock  # re-exported: older code imports it here
+
 STATUSES = ("done", "no_tissue", "skipped", "failed", "busy")
+BUSY_HINT = (
+    "Busy slides are being processed by another run (or their lock is held by a process on another "
+    "machine): rerun when it has finished, or delete the lock file if no run is working on that slide."
+)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield ``<path>.tmp<pid>`` to write; on success fsync it and rename it to ``path``. On any error
+    (a full disk, a crash of the writer) the temporary file is removed and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    with _atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def save_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 3) -> Path:
@@ -48,12 +65,9 @@ def save_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 3
     """
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
-    return path
+    with _atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
+    return Path(path)
 
 
 def read_status(path: str | Path) -> dict[str, Any] | None:
@@ -61,49 +75,6 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-class SlideLock:
-    """``<slide_id>.lock`` created with ``O_EXCL`` so several workers/machines can share a job folder.
-
-    A lock older than ``stale_after`` seconds is considered abandoned and taken over.
-    """
-
-    def __init__(self, path: str | Path, stale_after: float = 6 * 3600):
-        self.path = Path(path)
-        self.stale_after = stale_after
-        self.held = False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    age = time.time() - self.path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if age < self.stale_after:
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
-            self.held = True
-            return True
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> SlideLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def summarise(
@@ -121,6 +92,12 @@ def summarise(
             if s["status"] == "failed"
         ],
         "no_tissue": [s["slide_id"] for s in statuses if s["status"] == "no_tissue"],
+        "busy": [
+            {"slide_id": s["slide_id"], "lock": s.get("lock", ""), "error": s.get("error", "")}
+            for s in statuses
+            if s["status"] == "busy"
+        ],
+        "warnings": {s["slide_id"]: list(s["warnings"]) for s in statuses if s.get("warnings")},
         "n_tiles": int(sum(s.get("n_tiles", 0) or 0 for s in statuses)),
         **(extra or {}),
     }
@@ -135,6 +112,19 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["failures"]:
         lines += ["", "## Failures", ""] + [
             f"- **{f['slide_id']}**: {f['error']}" for f in summary["failures"]
+        ]
+    if summary.get("busy"):
+        lines += ["", "## Busy: locked by another worker, not processed by this run", ""] + [
+            f"- **{b['slide_id']}**: {b['error']}" for b in summary["busy"]
+        ]
+        lines += ["", BUSY_HINT]
+    if summary.get("warnings"):
+        lines += ["", "## Warnings", ""] + [
+            f"- **{sid}**: {w}" for sid, ws in summary["warnings"].items() for w in ws
+        ]
+    if summary.get("skipped_files"):
+        lines += ["", "## Files not read", ""] + [
+            f"- {f['path']}: {f['reason']}" for f in summary["skipped_files"]
         ]
     for key in ("unknown_mpp_overrides",):
         if summary.get(key):
@@ -152,4 +142,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         text += "\n  no tissue found in: " + ", ".join(summary["no_tissue"])
     if summary["failures"]:
         text += "\n  failed:\n" + "\n".join(f"    {f['slide_id']}: {f['error']}" for f in summary["failures"])
+    if summary.get("busy"):
+        text += "\n  busy (not processed):\n" + "\n".join(
+            f"    {b['slide_id']}: {b['error']}" for b in summary["busy"]
+        )
+        text += "\n  " + BUSY_HINT
+    if summary.get("warnings"):
+        text += "\n  warnings:\n" + "\n".join(
+            f"    {sid}: {w}" for sid, ws in summary["warnings"].items() for w in ws
+        )
+    if summary.get("skipped_files"):
+        text += "\n  files not read:\n" + "\n".join(
+            f"    {f['path']}: {f['reason']}" for f in summary["skipped_files"]
+        )
     return text

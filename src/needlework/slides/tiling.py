@@ -27,7 +27,7 @@ from needlework.slides.provenance import stamp
 from needlework.slides.reader import SlideReader
 from needlework.slides.tissue import TissueParams, mask_from_geojson, segment_tissue
 
-SEGMENTER = "saturation-otsu"
+SEGMENTER = "saturation-background"
 
 
 @dataclass
@@ -49,6 +49,11 @@ class TilingConfig:
     min_tissue_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        # 20 and 20.0 are the same setting: keep one spelling so the config hash (resume) agrees.
+        if self.target_magnification is not None:
+            self.target_magnification = float(self.target_magnification)
+        if self.target_mpp is not None:
+            self.target_mpp = float(self.target_mpp)
         if self.target_mpp is None and self.target_magnification is None:
             raise ValueError("give target_magnification or target_mpp")
         if self.patch_size <= 0 or not 0 <= self.overlap < self.patch_size:

@@ -1,0 +1,1 @@
+"""Fault tests: a package, so that its conftest does not clash with the others under --doctest-modules."""
