@@ -8,6 +8,12 @@ a folder ``<runs_dir>/<run_name>/<version>/`` holding the resolved ``config.yaml
 ``metrics.json``, CSV and TensorBoard logs and ``checkpoints/`` (best by ``--checkpoint.monitor`` and
 last). After ``fit`` the test split is evaluated at the best checkpoint (``--test_after_fit false`` to
 skip).
+
+A run folder is written by one command only. ``validate``, ``test`` and ``predict`` write to a folder of
+their own, ``<runs_dir>/<run_name>-<verb>/<version>/`` (``predict`` adds ``predictions.csv``), even when
+given a fit run's saved ``config.yaml``, so evaluating a run never touches its curves, config or scores.
+A ``fit`` whose configured folder already holds a run (a saved config re-run, or a resume with
+``--ckpt_path <run>/checkpoints/last.ckpt``) starts a new version beside it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from needlework.configs import resolve_config
 from needlework.training.datamodule import DatasetDataModule
+from needlework.training.predictions import PredictionCSVWriter
 from needlework.training.run_info import RunInfo
 from needlework.training.task import ClassificationTask
+
+EVAL_VERBS = ("validate", "test", "predict")
 
 
 def _run_version(root: Path) -> str:
@@ -35,31 +44,77 @@ def _run_version(root: Path) -> str:
     return version
 
 
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _fresh_loggers(cfg: Namespace, subcommand: str) -> None:
+    """Point the run's loggers at a folder no earlier command wrote (see the module docstring).
+
+    The default (``logger: null``/``true``) gets CSV and TensorBoard loggers. Loggers configured with
+    ``save_dir``/``name``/``version`` (what a saved ``config.yaml`` holds) keep their class but get a new
+    folder when the command evaluates, or when their folder already holds files: Lightning's CSV logger
+    would otherwise delete the ``metrics.csv`` there and the config and ``metrics.json`` be replaced.
+    """
+    evaluating = subcommand in EVAL_VERBS
+    name = f"{cfg.run_name}-{subcommand}" if evaluating else cfg.run_name
+    if cfg.trainer.logger in (None, True):
+        args = Namespace(save_dir=cfg.runs_dir, name=name, version=_run_version(Path(cfg.runs_dir) / name))
+        cfg.trainer.logger = [
+            Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=args.clone()),
+            Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=args.clone()),
+        ]
+        return
+    loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+    new_versions: dict[tuple[str, str], str] = {}
+    for logger in loggers:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is None or not {"save_dir", "name", "version"} <= set(vars(init)):
+            continue
+        save_dir, old_name = (cfg.runs_dir, name) if evaluating else (init.save_dir, init.name)
+        folder = Path(str(save_dir)) / str(old_name or "") / str(init.version or "")
+        if not evaluating and not (init.version is not None and _holds_files(folder)):
+            continue
+        key = (str(save_dir), str(old_name))
+        if key not in new_versions:  # loggers that shared a folder keep sharing the new one
+            new_versions[key] = _run_version(Path(key[0]) / key[1])
+        init.save_dir, init.name, init.version = save_dir, old_name, new_versions[key]
+
+
 class NeedleworkCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", default="run", help="run folder: <runs_dir>/<run_name>/<version>")
         parser.add_argument("--runs_dir", default="runs", help="parent folder of all runs")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="evaluate the test split at the best checkpoint after fit")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="evaluate the test split at the best checkpoint after fit",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc",
-            "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "best-{epoch:03d}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(RunInfo, "run_info")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        if cfg.trainer.logger in (None, True):
-            root = Path(cfg.runs_dir) / cfg.run_name
-            args = Namespace(save_dir=cfg.runs_dir, name=cfg.run_name, version=_run_version(root))
-            cfg.trainer.logger = [
-                Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=args.clone()),
-                Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=args.clone()),
-            ]
+        if cfg.trainer.logger is not False:
+            _fresh_loggers(cfg, self.subcommand or "fit")
+
+    def before_predict(self) -> None:
+        self.trainer.callbacks.append(PredictionCSVWriter())
+
+    def after_predict(self) -> None:
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionCSVWriter)), None)
+        if writer is not None and writer.path is not None:
+            print(f"predictions of {len(writer.rows)} items in {writer.path}")
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit:
@@ -69,9 +124,11 @@ class NeedleworkCLI(LightningCLI):
         if ckpt_path is None:
             # e.g. max_epochs below check_val_every_n_epoch: say which weights the test numbers are of
             t = self.trainer
-            print(f"needlework fit: no best checkpoint (no validation in {t.current_epoch} epochs with "
-                  f"check_val_every_n_epoch={t.check_val_every_n_epoch}); testing the final weights",
-                  file=sys.stderr)
+            print(
+                f"needlework fit: no best checkpoint (no validation in {t.current_epoch} epochs with "
+                f"check_val_every_n_epoch={t.check_val_every_n_epoch}); testing the final weights",
+                file=sys.stderr,
+            )
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
