@@ -18,14 +18,23 @@ A ``fit`` whose configured folder already holds a run (a saved config re-run, or
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from needlework.cli.model_args import (
+    PREFIXES,
+    check_model_kwargs,
+    merge_overrides,
+    model_arguments,
+    split_overrides,
+)
 from needlework.configs import resolve_config
 from needlework.training.datamodule import DatasetDataModule
 from needlework.training.predictions import PredictionCSVWriter
@@ -33,6 +42,12 @@ from needlework.training.run_info import RunInfo
 from needlework.training.task import ClassificationTask
 
 EVAL_VERBS = ("validate", "test", "predict")
+MODEL_ARGS_HELP = """
+
+Model arguments: --model.init_args.model_kwargs.NAME VALUE sets one argument of the model and keeps the
+others, at any depth (--model.init_args.model_kwargs.mil_kwargs.heads 2); an argument the model does not
+take is an error before anything is built. --print_config lists every argument of the chosen model with
+its default (needlework list models: the models)."""
 
 
 def _run_version(root: Path) -> str:
@@ -83,6 +98,7 @@ def _fresh_loggers(cfg: Namespace, subcommand: str) -> None:
 
 class NeedleworkCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        parser.description = (parser.description or "") + MODEL_ARGS_HELP
         parser.add_argument("--run_name", default="run", help="run folder: <runs_dir>/<run_name>/<version>")
         parser.add_argument("--runs_dir", default="runs", help="parent folder of all runs")
         parser.add_argument(
@@ -102,6 +118,41 @@ class NeedleworkCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(RunInfo, "run_info")
+
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing, with nested ``model_kwargs`` flags merged and every model argument
+        checked against the model before anything is built (:mod:`needlework.cli.model_args`)."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rest, overrides = split_overrides(argv)
+        except ValueError as err:
+            parser.error(str(err))
+        if any(a in ("-h", "--help") for a in rest):
+            self.config = parser.parse_args(rest)  # prints the help and exits
+            return None
+        printing = [a for a in rest if a == "--print_config" or a.startswith("--print_config=")]
+        plain = [a for a in rest if a not in printing]
+        self.config = parser.parse_args(plain)
+        sub = self.config.get("subcommand")
+        init = (self.config[sub] if sub else self.config).model.get("init_args")
+        if init is None or not isinstance(init.get("model"), str) or "model_kwargs" not in init:
+            if overrides:
+                parser.error(f"{PREFIXES[0]}...: this model class takes no model_kwargs")
+            if printing:
+                parser.parse_args(plain + printing)
+            return None
+        kwargs = merge_overrides(init.model_kwargs, overrides)
+        try:
+            check_model_kwargs(init.model, kwargs, "--model.init_args.model_kwargs")
+        except (KeyError, ValueError) as err:
+            parser.error(str(err.args[0] if isinstance(err, KeyError) else err))
+        init.model_kwargs = kwargs
+        if printing:  # the model's arguments with their defaults, then jsonargparse prints and exits
+            shown = json.dumps(model_arguments(init.model, kwargs))
+            parser.parse_args([*plain, "--model.init_args.model_kwargs", shown, *printing])
+        return None
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -157,6 +208,22 @@ def _config_path(name: str) -> str:
         raise SystemExit(f"error: {err}") from None
 
 
+def build_cli(argv: list[str] | None, **kwargs: Any) -> NeedleworkCLI:
+    """The CLI of ``needlework fit|validate|test|predict`` on ``argv`` (``None``: ``sys.argv[1:]``);
+    ``kwargs`` go to LightningCLI (``run=False``: parse and build without running, for tests)."""
+    return NeedleworkCLI(
+        ClassificationTask,
+        DatasetDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+        **kwargs,
+    )
+
+
 def main(argv: list[str]) -> int:
     # From the console script argv *is* sys.argv[1:]; LightningCLI then reads sys.argv itself (handing it
     # the same list again only makes it warn about receiving both). From Python, argv is passed through.
@@ -164,15 +231,5 @@ def main(argv: list[str]) -> int:
     argv = resolve_config_args(argv)
     if from_console:
         sys.argv[1:] = argv
-    args = None if from_console else argv
-    NeedleworkCLI(
-        ClassificationTask,
-        DatasetDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    build_cli(None if from_console else argv)
     return 0
