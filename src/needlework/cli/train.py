@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from needlework.cli.model_args import (
@@ -36,6 +35,7 @@ from needlework.cli.model_args import (
     split_overrides,
 )
 from needlework.configs import resolve_config
+from needlework.training.checkpointing import BestCheckpoint
 from needlework.training.datamodule import DatasetDataModule
 from needlework.training.predictions import PredictionCSVWriter
 from needlework.training.run_info import RunInfo
@@ -107,7 +107,7 @@ class NeedleworkCLI(LightningCLI):
             default=True,
             help="evaluate the test split at the best checkpoint after fit",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
