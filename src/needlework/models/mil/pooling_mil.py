@@ -125,6 +125,7 @@ def _factory(cls: type[MILModel], pooling: str) -> Any:
         return cls(in_dim=in_dim, num_classes=num_classes, pooling=pooling, **kwargs)
 
     build.__doc__ = f"{cls.__name__} with {pooling} pooling."
+    build.__annotations__["return"] = cls  # the class whose arguments **kwargs takes (cli.model_args)
     return build
 
 
