@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from needlework.data.splits import SPLITS, build_label_map, read_label_csv, read_split_file
+from needlework.data.splits import SPLITS, build_label_map, read_label_csv, select_split
 from needlework.registry import register_dataset
 
 
@@ -77,22 +77,7 @@ class SlideBagDataset(Dataset):
             )
         rows = read_label_csv(labels_csv, case_column, slide_column, label_column)
         self.label_map = build_label_map([r["label"] for r in rows], label_map)
-        if split != "all":
-            if split_file is None and splits_dir is not None:
-                split_file = str(Path(splits_dir) / f"splits_{fold}.csv")
-            if split_file is None:
-                raise ValueError(
-                    f"split {split!r} needs split_file= or splits_dir= + fold= "
-                    "(make them with `needlework slides splits`), or use split='all'"
-                )
-            wanted = read_split_file(split_file)[split]
-            by_id = {r["slide_id"]: r for r in rows}
-            unknown = [s for s in wanted if s not in by_id]
-            if unknown:
-                raise ValueError(
-                    f"{split_file}: slides {unknown[:10]} of split {split!r} are not in {labels_csv}"
-                )
-            rows = [by_id[s] for s in wanted]
+        rows = select_split(rows, split, split_file, splits_dir, fold, labels_csv)
         items, missing = [], []
         for r in rows:
             path = self._find(r["slide_id"])

@@ -177,6 +177,36 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def select_split(
+    rows: list[dict[str, Any]],
+    split: str,
+    split_file: str | Path | None,
+    splits_dir: str | Path | None,
+    fold: int,
+    labels_csv: str | Path,
+) -> list[dict[str, Any]]:
+    """The label-CSV ``rows`` of one split, in the split file's order (``split="all"``: every row).
+
+    The split file is ``split_file`` or ``<splits_dir>/splits_<fold>.csv`` (``needlework slides splits``).
+    A slide of the split missing from the label CSV is an error naming both files.
+    """
+    if split == "all":
+        return rows
+    if split_file is None and splits_dir is not None:
+        split_file = Path(splits_dir) / f"splits_{fold}.csv"
+    if split_file is None:
+        raise ValueError(
+            f"split {split!r} needs split_file= or splits_dir= + fold= "
+            "(make them with `needlework slides splits`), or use split='all'"
+        )
+    wanted = read_split_file(split_file)[split]
+    by_id = {r["slide_id"]: r for r in rows}
+    unknown = [s for s in wanted if s not in by_id]
+    if unknown:
+        raise ValueError(f"{split_file}: slides {unknown[:10]} of split {split!r} are not in {labels_csv}")
+    return [by_id[s] for s in wanted]
+
+
 def create_splits(
     labels_csv: str | Path,
     out_dir: str | Path,
