@@ -246,6 +246,9 @@ def plot(rows: list[dict[str, Any]], study: str, path: Path) -> None:
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     ax.set_xscale("log")
     ax.invert_xaxis()  # tinier objects to the right
+    ticks = [100 * DIGIT**2 / c**2 for c in sorted({r["canvas"] for r in rows})]
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])  # the O2I of each canvas, not 6×10⁰
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("object-to-image ratio (%, log scale)")
     canvases = sorted({r["canvas"] for r in rows})
     top = ax.secondary_xaxis("top")  # the canvas side of each O2I, with its training budget
