@@ -26,6 +26,7 @@ it lacks); figures to ``docs/images/ats_*.png``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -300,6 +301,21 @@ def save(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # a crash never leaves half a file
 
 
+def update(path: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write one study's entry into the results file; returns the whole file as written.
+
+    Re-reads the file under a lock first, so studies run at the same time (two processes, one per core)
+    never drop each other's entries.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        data = load(path)
+        data["studies"][key] = entry
+        save(path, data)
+    return data
+
+
 def versions() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                 "attention_std": args.attention_std,
                 **record,
             }
-            save(args.out, data)
+            data = update(args.out, key, data["studies"][key])
         plot_study(data["studies"][key], None, args.figures, tiny=args.tiny)
         print(f"wrote {args.out} [{key}]")
         return
@@ -366,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key}: {run['name']}", flush=True)
         entry["runs"][run["name"]] = {**train_run(setup, run, train_ds, probes, test), "versions": versions()}
         entry["distances"] = distances(entry["runs"])
-        save(args.out, data)
+        data = update(args.out, key, entry)
     same = f"/{setup.dataset}{setup.canvas}/{preset}"  # the curves figure: every training study of this data
     curves = [e for k, e in sorted(data["studies"].items()) if e["study"] != "variance" and k.endswith(same)]
     plot_study(entry, probes["x_high"][:3], args.figures, tiny=args.tiny, curves=curves)

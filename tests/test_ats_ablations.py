@@ -139,3 +139,13 @@ def test_corrupt_results_file_is_a_clear_error(ablations, tmp_path):
 def test_bad_needle_canvas_is_a_clear_error(ablations, tmp_path):
     with pytest.raises(SystemExit, match="multiple of 64"):
         _run(ablations, tmp_path, "--study", "entropy", "--canvas", "100")
+
+
+def test_studies_written_at_once_keep_each_other(ablations, tmp_path):
+    """Two studies (processes) writing one results file: the second write keeps the first's entry."""
+    out = tmp_path / "ats.json"
+    stale = ablations.load(out)  # what a second process read before the first one wrote
+    ablations.update(out, "entropy/x/cpu", {"study": "entropy", "runs": {"lambda=0": {}}})
+    stale["studies"]["patches/x/cpu"] = {"study": "patches", "runs": {"n=2": {}}}
+    ablations.update(out, "patches/x/cpu", stale["studies"]["patches/x/cpu"])
+    assert sorted(json.loads(out.read_text())["studies"]) == ["entropy/x/cpu", "patches/x/cpu"]
