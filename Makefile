@@ -17,7 +17,7 @@ $(BIN)/needlework: pyproject.toml
 venv: $(BIN)/needlework
 
 demo: venv
-	$(BIN)/needlework demo --out runs/demo
+	$(BIN)/needlework demo --method ips --out runs/demo
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -160,24 +160,35 @@ def test_o2i_sweep_micro_grid_writes_rows_and_figure_and_resumes(tmp_path):
 
 
 def test_ips_demo_end_to_end_in_a_subprocess(tmp_path):
-    """``needlework demo --method ips``: the tiny-regime demo, shortened (a crash fails with its signal)."""
+    """``needlework demo --method ips``: the tiny-regime demo on its default wall-clock curriculum, shortened
+    to 15 s of training (a crash fails with its signal); the final weights are tested."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "needlework", "demo", "--method", "ips", "--canvas", "128",
-           "--stages", "64:1", "--epochs", "2", "--epoch-size", "32", "--val-size", "16",
+           "--stages", "64:0.5", "--max-minutes", "0.25", "--epoch-size", "32",
            "--test-size", "16", "--out", str(out), "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["args"]["method"] == "ips" and metrics["n_test"] == 16 and metrics["epochs"] == 2
+    assert metrics["args"]["method"] == "ips" and metrics["n_test"] == 16 and metrics["epochs"] >= 1
+    assert metrics["args"]["time_stages"] is True and metrics["args"]["val_every"] == 0
+    assert 12 <= metrics["train_seconds"] < 60  # stopped by --max-minutes, not by an epoch count
     assert 0 <= metrics["localisation_ap"] <= 1
     assert (out / "selection.png").stat().st_size > 10_000
-    assert "IPS in the tiny regime" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "IPS in the tiny regime" in report and "64 px for 50% of the time" in report
+    assert "final weights" in report
 
 
 def test_demo_stage_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
         cli_main(["demo", "--method", "ips", "--stages", "64x4"])
-    assert "--stages takes CANVAS:EPOCHS pairs" in capsys.readouterr().err
+    assert "--stages takes CANVAS:EPOCHS or CANVAS:FRACTION pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["demo", "--method", "ips", "--epochs", "10"])
-    assert "the curriculum has 24 of 10 epochs" in capsys.readouterr().err
+        cli_main(["demo", "--method", "ips", "--stages", "64:4,128:14", "--epochs", "10"])
+    assert "the curriculum has 18 of 10 epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--method", "ips", "--stages", "64:0.5,128:0.6"])
+    assert "fractions of the time budget add up to 1.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--val-every", "-1"])
+    assert "--val-every must be >= 0" in capsys.readouterr().err

@@ -39,8 +39,11 @@ IPS_KWARGS = {
 METHOD_DEFAULTS = {
     "dense": {"canvas": 128, "epoch_size": 3200, "epochs": 34, "batch_size": 32, "lr": 3e-3, "val_every": 2,
               "stages": "64:24", "val_size": 320},
-    "ips": {"canvas": 512, "epoch_size": 1600, "epochs": 27, "batch_size": 16, "lr": 1e-3, "val_every": 6,
-            "stages": "64:4,128:14,256:6", "val_size": 160},
+    # IPS: the O2I sweep's wall-clock protocol (benchmarks/o2i_sweep.py): stages in fractions of
+    # --max-minutes, so the target canvas is reached on any machine; the LR reaches zero at the limit and
+    # the final weights are tested (no validation: it would cost a large part of the budget at 512 px)
+    "ips": {"canvas": 512, "epoch_size": 400, "epochs": 10_000, "batch_size": 16, "lr": 1e-3, "val_every": 0,
+            "stages": "64:0.08,128:0.22,256:0.35", "val_size": 160},
 }  # fmt: skip
 
 
@@ -54,9 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epoch-size", type=int, default=None,
                    help="training images per epoch, freshly generated every epoch (50%% positive)")
     p.add_argument("--stages", default=None,
-                   help="curriculum before the target canvas, CANVAS:EPOCHS,... (dense 64:24, ips "
-                        "64:4,128:14,256:6; "
-                        "'' for none); stages above --canvas are capped at it")
+                   help="curriculum before the target canvas, CANVAS:EPOCHS,... or CANVAS:FRACTION,... "
+                        "(fractions of --max-minutes; dense 64:24, ips 64:0.08,128:0.22,256:0.35; '' for "
+                        "none); stages above --canvas are capped at it")
     p.add_argument("--warmup-canvas", type=int, default=None, help="(dense) one-stage curriculum: canvas")
     p.add_argument("--warmup-epochs", type=int, default=None, help="(dense) one-stage curriculum: epochs")
     p.add_argument("--epochs", type=int, default=None, help="epochs in all, curriculum included (34 / 24)")
@@ -64,6 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate, cosine decay per step")
     p.add_argument("--max-minutes", type=float, default=8.5, help="stop training after this long")
     p.add_argument("--val-size", type=int, default=None, help="validation images (checkpoint choice)")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="validate every N epochs (dense 2); 0: no validation, test the final weights (ips)")
     p.add_argument("--test-size", type=int, default=None,
                    help="held-out test images (default: one positive and one negative per test 3, i.e. 400)")
     p.add_argument("--seed", type=int, default=0)
@@ -76,18 +81,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.warmup_canvas is not None or args.warmup_epochs is not None:  # the older one-stage flags
         epochs = args.warmup_epochs if args.warmup_epochs is not None else 24
         args.stages = f"{args.warmup_canvas or 64}:{epochs}"
+    if args.val_every < 0:
+        p.error("--val-every must be >= 0 (0: no validation, test the final weights)")
     for name in ("canvas", "epoch_size", "epochs", "batch_size", "val_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    pairs = [st.split(":") for st in args.stages.split(",") if st]
+    args.time_stages = any("." in st[-1] for st in pairs)  # CANVAS:FRACTION of the time budget
     try:
-        args.schedule = [(int(c), int(e)) for c, e in (st.split(":") for st in args.stages.split(",") if st)]
+        kind = float if args.time_stages else int
+        args.schedule = [(int(c), kind(e)) for c, e in pairs]
     except ValueError:
-        p.error(f"--stages takes CANVAS:EPOCHS pairs separated by commas, got {args.stages!r}")
+        p.error(f"--stages takes CANVAS:EPOCHS or CANVAS:FRACTION pairs separated by commas, got "
+                f"{args.stages!r}")
     args.schedule = [(c, e) for c, e in args.schedule if e > 0]
     if any(c < 1 for c, _ in args.schedule):
         p.error("--stages: canvases must be positive")
     warm = sum(e for _, e in args.schedule)
-    if not warm < args.epochs:
+    if args.time_stages:
+        if not warm < 1:
+            p.error(f"--stages: the fractions of the time budget add up to {warm:g}; they must stay below 1 "
+                    "(the rest is trained on --canvas)")
+    elif not warm < args.epochs:
         p.error(f"--warmup-epochs must lie in [0, --epochs): the curriculum has {warm} of {args.epochs} "
                 "epochs")
     if args.max_minutes <= 0:
@@ -95,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def build_task(lr: float, method: str = "dense") -> Any:
+def build_task(lr: float, method: str = "dense", scheduler: str = "cosine") -> Any:
     """The demo's :class:`~needlework.training.ClassificationTask`: BagNet ``MODEL_KWARGS`` in channels-last.
 
     Channels-last lets oneDNN pick its NHWC kernels (0.9–1.06× on an AMD EPYC with AVX-512, up to 1.5× on
@@ -106,7 +121,7 @@ def build_task(lr: float, method: str = "dense") -> Any:
     from needlework.training import ClassificationTask
 
     if method == "ips":
-        return ClassificationTask("ips", dict(IPS_KWARGS), num_classes=2, lr=lr, scheduler="cosine")
+        return ClassificationTask("ips", dict(IPS_KWARGS), num_classes=2, lr=lr, scheduler=scheduler)
     task = ClassificationTask("bagnet", dict(MODEL_KWARGS), num_classes=2, lr=lr, scheduler="cosine")
     task.model.to(memory_format=torch.channels_last)
     return task
@@ -120,16 +135,19 @@ def train(args: argparse.Namespace, out: Path) -> tuple[Any, Any, dict[str, floa
     from needlework.training import ClassificationTask, DatasetDataModule
 
     L.seed_everything(args.seed, verbose=False)
-    task = build_task(args.lr, args.method)
+    # cosine_time: the learning rate follows a cosine of the elapsed fraction of --max-minutes
+    task = build_task(args.lr, args.method, "cosine_time" if args.time_stages else "cosine")
     # the curriculum: small canvases first (the needle is 19 % of a 64-px image), then the task's canvas
-    schedule = [{"epochs": e, "canvas": c} for c, e in args.schedule]
-    rest = args.epochs - sum(e for _, e in args.schedule)
+    unit = "time" if args.time_stages else "epochs"
+    schedule = [{unit: e, "canvas": c} for c, e in args.schedule]
+    warm = sum(e for _, e in args.schedule)
+    rest = 1 - warm if args.time_stages else args.epochs - warm
     data = DatasetDataModule(
         "needle_mnist", {"canvas": args.canvas, "seed": args.seed},
         train_kwargs={"size": args.epoch_size}, val_kwargs={"size": args.val_size},
         test_kwargs={} if args.test_size is None else {"size": args.test_size},
         batch_size=args.batch_size, eval_batch_size=32 if args.method == "ips" else 64,
-        train_schedule=[*schedule, {"epochs": rest}], resample_each_epoch=True,
+        train_schedule=[*schedule, {unit: rest}], resample_each_epoch=True,
         transforms=[{"name": "views", "factor": 4}] if args.method == "ips" else None,
     )
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max", filename="best")
@@ -137,7 +155,8 @@ def train(args: argparse.Namespace, out: Path) -> tuple[Any, Any, dict[str, floa
         max_epochs=args.epochs, max_time={"minutes": args.max_minutes}, callbacks=[ckpt],
         logger=CSVLogger(out, name="", version="logs"), enable_progress_bar=not args.quiet,
         enable_model_summary=False, log_every_n_steps=20, num_sanity_val_steps=0,
-        reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=args.val_every,
+        reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=args.val_every or 1,
+        limit_val_batches=None if args.val_every else 0,
         gradient_clip_val=1.0 if args.method == "ips" else None,
     )
     start = time.perf_counter()
@@ -238,6 +257,8 @@ def report(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> str:
                      f"{base['test_acc']:.3f} accuracy, AUROC {base['test_auroc']:.3f}"))  # fmt: skip
     table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if args.method == "ips":
+        weights = "best validation checkpoint" if args.val_every else "final weights"
+        decay = "cosine decay to zero at the time limit" if args.time_stages else "cosine decay"
         return (
             "# needlework demo: IPS in the tiny regime\n\n"
             f"Task: does a {args.canvas}×{args.canvas} image contain a 3? One 28×28 needle "
@@ -245,10 +266,9 @@ def report(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> str:
             f"{IPS_KWARGS['patch_size']}-px patch without gradients and learns from the "
             f"{IPS_KWARGS['n_keep']} "
             f"it keeps. Training: {args.epoch_size} fresh images per epoch on a curriculum "
-            f"{', '.join(f'{c} px × {e}' for c, e in args.schedule)} epochs, then the rest at "
-            f"{args.canvas} px (capped by --max-minutes); Adam {args.lr:g}, cosine decay. "
+            f"{curriculum(args)}; Adam {args.lr:g}, {decay}. "
             f"{results['n_test']} held-out test images at {args.canvas} px.\n\n"
-            f"Model: IPS {IPS_KWARGS}, best validation checkpoint.\n\n{table}\n\n"
+            f"Model: IPS {IPS_KWARGS}, {weights}.\n\n{table}\n\n"
             "![selection](selection.png)\n\n"
             "Localisation: the centre of the kept patch with the highest attention must lie in the needle's "
             "box (AP over images ranked by P(3), as in Oquab et al. 2015).\n"
@@ -267,6 +287,15 @@ def report(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> str:
         "Saliency = |∂ logit(3) / ∂ image|; a needle counts as localised when the saliency maximum lies in "
         "its box (AP as in Oquab et al. 2015).\n"
     )
+
+
+def curriculum(args: argparse.Namespace) -> str:
+    """The training curriculum in words, e.g. ``64 px for 8 % of the time, ..., then 512 px``."""
+    if args.time_stages:
+        stages = ", ".join(f"{c} px for {f:.0%} of the time" for c, f in args.schedule)
+        return f"{stages}, then {args.canvas} px until --max-minutes ({args.max_minutes:g} min)"
+    stages = ", ".join(f"{c} px × {e}" for c, e in args.schedule)
+    return f"{stages} epochs, then the rest at {args.canvas} px (capped by --max-minutes)"
 
 
 def main(argv: list[str]) -> int:
