@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from skimage.draw import polygon as draw_polygon
 
 from needlework.io.geojson import feature_collection, polygon_feature, write_geojson
+from needlework.slides.synthetic_shapes import dilate as _dilate
+from needlework.slides.synthetic_shapes import ellipse_ring as _ellipse_ring
+from needlework.slides.synthetic_shapes import rasterise as _rasterise
 
 LESION_CLASS = "Tumor"
+LESION_TYPES = ("color", "texture")
 _TINT = np.array([0.92, 0.68, 0.85])  # pink (eosin-like) tint so that tissue is clearly saturated
 _LESION_RGB = np.array([85.0, 35.0, 120.0])
 
@@ -45,21 +48,12 @@ class SyntheticSlideSpec:
     tile: int = 256
     quality: int = 90
     min_level_side: int = 512
-
-
-def _ellipse_ring(cx: float, cy: float, rx: float, ry: float, angle: float, n: int = 48) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    x, y = rx * np.cos(t), ry * np.sin(t)
-    c, s = np.cos(angle), np.sin(angle)
-    return np.stack([cx + c * x - s * y, cy + s * x + c * y], axis=1)
-
-
-def _rasterise(ring: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    # Pixel (r, c) is inside when its centre (c + 0.5, r + 0.5) is inside the ring.
-    rr, cc = draw_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape)
-    mask[rr, cc] = True
-    return mask
+    lesion_type: str = (
+        "color"  # "color": dark-purple blobs; "texture": enlarged crowded nuclei, colour-matched
+    )
+    nucleus_radius: float = 3.5  # texture: mean nucleus radius, level-0 px
+    nucleus_density: float = 0.003  # texture: nuclei per tissue pixel (Poisson)
+    max_lesion_fraction: float = 0.0005  # texture: all lesions together cover at most this of the tissue
 
 
 def _texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,8 +106,15 @@ def render_synthetic_slide(spec: SyntheticSlideSpec) -> tuple[np.ndarray, np.nda
         # Keep a margin of background around the slide edge.
         piece[:4], piece[-4:], piece[:, :4], piece[:, -4:] = False, False, False, False
         tissue |= piece
+    if spec.lesion_type not in LESION_TYPES:
+        raise ValueError(f"lesion_type must be one of {LESION_TYPES}, got {spec.lesion_type!r}")
     noise = rng.integers(-2, 3, size=(h, w, 1), dtype=np.int16)
-    image = np.where(tissue[..., None], _texture(h, w, rng), (241 + noise).astype(np.uint8))
+    background = (241 + noise).astype(np.uint8)
+    if spec.lesion_type == "texture":
+        from needlework.slides.synthetic_texture import render_texture_slide
+
+        return render_texture_slide(spec, tissue, background, rng)
+    image = np.where(tissue[..., None], _texture(h, w, rng), background)
 
     lesions: list[dict[str, Any]] = []
     lesion_mask = np.zeros((h, w), bool)
@@ -153,12 +154,6 @@ def render_synthetic_slide(spec: SyntheticSlideSpec) -> tuple[np.ndarray, np.nda
         raise RuntimeError(f"could not place {spec.n_lesions} lesions inside the tissue (seed {spec.seed})")
     image[lesion_mask] = (0.35 * image[lesion_mask] + 0.65 * _LESION_RGB).round().astype(np.uint8)
     return image, tissue, lesions
-
-
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(mask, iterations=radius)
 
 
 def pyramid(image: np.ndarray, min_side: int = 512) -> list[np.ndarray]:
@@ -247,6 +242,7 @@ def make_synthetic_cohort(
     lesion_radius: tuple[int, int] = (20, 48),
     no_mpp_slides: int = 1,
     mpp: float = 0.25,
+    lesion_type: str = "color",
 ) -> dict[str, Any]:
     """Write a cohort: ``slides/*.tif``, ``annotations/*.geojson``, ``labels.csv`` (``case_id, slide_id,
     label``) and ``mpp_overrides.csv`` (``wsi, mpp``) for the last ``no_mpp_slides`` slides, which carry no
@@ -264,7 +260,12 @@ def make_synthetic_cohort(
         lesion_radius: ``(min, max)`` lesion radius in level-0 pixels.
         no_mpp_slides: the last slides written without resolution tags (listed in ``mpp_overrides.csv``).
         mpp: level-0 µm/px of the slides.
+        lesion_type: ``"color"`` (dark-purple blobs that colour statistics find) or ``"texture"``
+            (clusters of enlarged, crowded nuclei with the colour distribution of the tissue around
+            them, at most 0.05 % of the tissue area; :mod:`needlework.slides.synthetic_texture`).
     """
+    if lesion_type not in LESION_TYPES:
+        raise ValueError(f"lesion_type must be one of {LESION_TYPES}, got {lesion_type!r}")
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     n_pos = round(n_slides * positive_fraction)
@@ -281,6 +282,7 @@ def make_synthetic_cohort(
             n_lesions=n_lesions if labels[i] else 0,
             lesion_radius=lesion_radius,
             mpp=mpp if has_mpp else None,
+            lesion_type=lesion_type,
         )
         ann = out / "annotations" / f"{slide_id}.geojson"
         meta[slide_id] = make_synthetic_slide(out / "slides" / f"{slide_id}.tif", spec, ann)
