@@ -212,7 +212,7 @@ def test_ips_scans_only_tissue_patches(cohort):
 
 @pytest.mark.parametrize("method", ["ats", "dps", "ips"])
 def test_pixel_config_runs_one_step(cohort, method, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # fast_dev_run leaves a checkpoint in the working directory
+    monkeypatch.chdir(tmp_path)
     d = "--data.init_args.dataset_kwargs."
     args = ["fit", "--config", f"slides/{method}_pixels",
             f"{d}slides_dir", str(cohort["slides_dir"]), f"{d}labels_csv", str(cohort["labels_csv"]),

@@ -118,11 +118,16 @@ def test_attention_peaks_by_hand():
 
 # ------------------------------------------------------------------------- every config, one step
 @pytest.mark.parametrize("method", ["dense", "ats", "dps", "ips", "patch_mil"])
-def test_needle_mnist_config_runs_one_step_at_canvas_256(method, tmp_path):
+def test_needle_mnist_config_runs_one_step_at_canvas_256(method, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     args = ["fit", "--config", f"needle_mnist/{method}", "--data.init_args.dataset_kwargs.canvas", "256",
             "--trainer.fast_dev_run", "true", "--runs_dir", str(tmp_path), "--trainer.enable_progress_bar",
             "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
     assert cli_main(args) == 0
+    # fast_dev_run has no logger: its checkpoint goes under the runs folder, not the working directory
+    assert not any(cwd.iterdir()) and list(tmp_path.rglob("last.ckpt"))
 
 
 def test_packaged_config_names_resolve_and_unknown_names_are_clear(capsys):

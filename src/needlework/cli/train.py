@@ -181,6 +181,10 @@ class NeedleworkCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.trainer.logger is not False:
             _fresh_loggers(cfg, self.subcommand or "fit")
+        if cfg.trainer.get("default_root_dir") is None:
+            # without a logger (fast_dev_run, --trainer.logger false) Lightning puts checkpoints/ into the
+            # working directory; keep them under the runs folder instead
+            cfg.trainer.default_root_dir = str(Path(cfg.runs_dir) / cfg.run_name)
 
     def before_predict(self) -> None:
         self.trainer.callbacks.append(PredictionCSVWriter())
