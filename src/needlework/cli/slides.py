@@ -198,11 +198,18 @@ COMMANDS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[ArgumentParser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from needlework.slides.jobs import SlideJobError
+    """Bad input the user fixes (status 2): wrong paths, bad CSVs, a slide named that cannot be read."""
     from needlework.slides.mpp import MissingMPPError
     from needlework.slides.reader import SlideOpenError
 
-    return (SlideJobError, MissingMPPError, SlideOpenError, FileNotFoundError, ValueError, KeyError)
+    return (MissingMPPError, SlideOpenError, FileNotFoundError, ValueError, KeyError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Work that failed (status 1): a slide of the run failed and --skip_errors was off."""
+    from needlework.slides.jobs import SlideJobError
+
+    return (SlideJobError,)
 
 
 def main(argv: list[str]) -> int:
@@ -219,4 +226,4 @@ def main(argv: list[str]) -> int:
     build_parser, run = COMMANDS[argv[0]]
     parser = build_parser()
     cfg = parse(parser, argv[1:])
-    return run_reporting_errors(lambda: run(parser, cfg), _expected_errors())
+    return run_reporting_errors(lambda: run(parser, cfg), _expected_errors(), _failures())
