@@ -7,7 +7,8 @@ signatures, with their defaults and docstrings), in LightningCLI's style::
     needlework slides tile --slides runs/cohort/slides --job_dir runs/job \\
         --tiling.target_magnification 20 --tiling.patch_size 256 \\
         --mpp_csv runs/cohort/mpp_overrides.csv --skip_errors true
-    needlework slides embed --slides runs/cohort/slides --job_dir runs/job --encoder resnet50_trunc
+    needlework slides embed --slides runs/cohort/slides --job_dir runs/job --encoder resnet50_trunc \\
+        --weights r50_trunc.pth   # a pretrained name without weights is refused unless --random_weights true
     needlework slides splits --labels_csv runs/cohort/labels.csv --out_dir runs/splits --k 4
     needlework slides tile --print_config > tile.yaml   # then: needlework slides tile --config tile.yaml
 
