@@ -132,3 +132,12 @@ def test_slide_smaller_than_one_tile_is_too_small_not_no_tissue(tmp_path, capsys
     summary = json.loads((states / "summary.json").read_text())
     assert summary["too_small"] == ["tiny"] and summary["no_tissue"] == []
     assert summary["counts"]["too_small"] == 1 and summary["counts"]["done"] == 1
+    # the embed stage keeps the status: no tiles because none fits, not because no tissue was found
+    embed = ["slides", "embed", "--slides", str(slides), "--job_dir", str(job), "--encoder", "color_stats",
+             "--num_workers", "0", "--device", "cpu", "--progress", "false"]  # fmt: skip
+    assert main(embed) == 0
+    assert "smaller than one tile: tiny" in capsys.readouterr().out
+    states = job / "20x_128px_0px_overlap" / "wsi_states" / "embed_color_stats"
+    status = json.loads((states / "tiny.json").read_text())
+    assert status["status"] == "too_small" and any("200 x 150 px" in w for w in status["warnings"])
+    assert json.loads((states / "summary.json").read_text())["no_tissue"] == []

@@ -176,6 +176,16 @@ def _finished(cfg: EmbedJobConfig, patches: Path, out: Path) -> int | None:
     return None
 
 
+def _no_tiles(attrs: dict[str, Any]) -> tuple[str, str]:
+    """Status and note of a slide without tiles: ``too_small`` when no tile fits in it (the tile stage
+    said so too), else ``no_tissue``."""
+    ps0 = int(attrs.get("patch_size_level0", 0))
+    width, height = int(attrs.get("level0_width", ps0)), int(attrs.get("level0_height", ps0))
+    if width < ps0 or height < ps0:
+        return "too_small", f"slide too small for one tile: {width} x {height} px, a tile {ps0} px (level 0)"
+    return "no_tissue", ""
+
+
 def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     """Embed the tiles of one slide into ``features_<encoder>/<slide_id>.h5``; returns its status."""
     from needlework.slides.embed import embed_tiles
@@ -201,7 +211,11 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                 raise FileNotFoundError(f"no patch file {patches}; run `needlework slides tile` first")
             coords, attrs = read_coords(patches)
             if len(coords) == 0:
-                status = _status(task, "embed", "no_tissue", n_tiles=0, seconds=round(time.time() - t0, 3))
+                kind, why = _no_tiles(attrs)
+                notes += [why] if why else []
+                status = _status(
+                    task, "embed", kind, n_tiles=0, warnings=notes, seconds=round(time.time() - t0, 3)
+                )
             else:
                 with _recorded_warnings(notes), open_slide(task.slide_path, cfg.reader) as slide:
                     # Opened here (workers open their own) so that reader fallbacks reach the status.
