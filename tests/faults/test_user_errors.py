@@ -1,11 +1,11 @@
 """User errors: one ``error: ...`` line naming the file or option and the fix, status 2, no traceback,
-nothing written. Covers random weights under a pretrained name, an unknown encoder (a configuration
-error of the run, reported before any slide), wrong paths and CSVs, and a slide smaller than one tile.
+nothing written. Covers an unknown encoder (a configuration error of the run, reported before any
+slide), a missing weights file, wrong paths and CSVs in the slide verbs and in ``fit``.
+(Random weights under a pretrained name and too-small slides: ``test_random_weights.py``.)
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -14,7 +14,6 @@ from faults.fault_helpers import TILING, run_cli, tile_config
 from needlework.cli import main
 from needlework.errors import ConfigError, InputNotFoundError, UserError
 from needlework.slides.jobs import run_tiling
-from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_slide
 
 
 @pytest.fixture
@@ -44,39 +43,8 @@ def _one_error_line(err: str) -> str:
 
 def _embed_outputs(tdir) -> list[str]:
     return sorted(
-        str(p.relative_to(tdir))
-        for p in [*tdir.glob("features_*"), *(tdir / "wsi_states").glob("embed_*")]
+        str(p.relative_to(tdir)) for p in [*tdir.glob("features_*"), *(tdir / "wsi_states").glob("embed_*")]
     )
-
-
-def test_pretrained_name_without_weights_is_refused_before_anything_is_written(one_slide_job, capsys):
-    slides, job, tdir = one_slide_job
-    for encoder in ("resnet50_trunc", "resnet18", "torchvision:resnet18"):
-        assert main(_embed(slides, job, "--encoder", encoder)) == 2
-        line = _one_error_line(capsys.readouterr().err)
-        assert encoder in line and "--weights" in line and "--random_weights true" in line
-    assert _embed_outputs(tdir) == []
-    # an encoder that means nothing more than it computes needs no weights
-    assert main(_embed(slides, job, "--encoder", "color_stats")) == 0
-    assert _embed_outputs(tdir) == ["features_color_stats", "wsi_states/embed_color_stats"]
-
-
-def test_random_weights_opt_in_embeds_and_records_a_warning(one_slide_job, capsys):
-    slides, job, tdir = one_slide_job
-    assert main(_embed(slides, job, "--encoder", "resnet8", "--random_weights", "true")) == 0
-    state_dir = tdir / "wsi_states" / "embed_resnet8"
-    status = json.loads((state_dir / "slide_000.json").read_text())
-    assert status["status"] == "done" and not status.get("warnings")  # resnet8 promises no pretraining
-    with pytest.warns(UserWarning, match="random weights: encoder 'resnet18'"):
-        assert main(_embed(slides, job, "--encoder", "resnet18", "--random_weights")) == 0
-    state_dir = tdir / "wsi_states" / "embed_resnet18"
-    status = json.loads((state_dir / "slide_000.json").read_text())
-    assert status["status"] == "done" and status["n_tiles"] > 0
-    assert any("random weights" in w and "resnet18" in w for w in status["warnings"])
-    summary = json.loads((state_dir / "summary.json").read_text())
-    assert any("random weights" in w for w in summary["warnings"]["slide_000"])
-    assert "random weights" in (state_dir / "summary.md").read_text()
-    assert "random weights" in capsys.readouterr().out  # in the console summary
 
 
 def test_unknown_encoder_is_one_configuration_error_before_any_slide(one_slide_job, capsys):
@@ -124,8 +92,13 @@ def test_slide_bag_dataset_errors_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"labels.csv: missing column\(s\) \['label'\]"):
         SlideBagDataset(features_dir=str(feats), labels_csv=str(labels), split="all")
     labels.write_text("case_id,slide_id,label\np0,s0,1\n")
-    with pytest.raises(InputNotFoundError, match="split file not found.*splits_0.csv"):
-        SlideBagDataset(features_dir=str(feats), labels_csv=str(labels), split="train", splits_dir=str(tmp_path / "splits"))
+    with pytest.raises(InputNotFoundError, match=r"split file not found.*splits_0\.csv"):
+        SlideBagDataset(
+            features_dir=str(feats),
+            labels_csv=str(labels),
+            split="train",
+            splits_dir=str(tmp_path / "splits"),
+        )
     with pytest.raises(InputNotFoundError, match="features_dir not found"):
         SlideBagDataset(features_dir=str(tmp_path / "nope"), labels_csv=str(labels), split="all")
     assert issubclass(InputNotFoundError, FileNotFoundError) and issubclass(ConfigError, ValueError)
@@ -137,38 +110,15 @@ def test_fit_with_a_missing_splits_file_is_one_error_line(tmp_path):
     feats.mkdir()
     labels = tmp_path / "labels.csv"
     labels.write_text("case_id,slide_id,label\np0,s0,0\np1,s1,1\n")
-    out = run_cli(
-        [
-            "fit", "--config", "slides/abmil_synthetic", "--runs_dir", str(tmp_path / "runs"),
-            "--data.init_args.dataset_kwargs.features_dir", str(feats),
-            "--data.init_args.dataset_kwargs.labels_csv", str(labels),
-            "--data.init_args.dataset_kwargs.splits_dir", str(tmp_path / "nosplits"),
-            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-        ]  # fmt: skip
-    )
+    args = [
+        "fit", "--config", "slides/abmil_synthetic", "--runs_dir", str(tmp_path / "runs"),
+        "--data.init_args.dataset_kwargs.features_dir", str(feats),
+        "--data.init_args.dataset_kwargs.labels_csv", str(labels),
+        "--data.init_args.dataset_kwargs.splits_dir", str(tmp_path / "nosplits"),
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    out = run_cli(args)
     assert out.returncode == 2, out.stderr[-3000:]
     line = _one_error_line(out.stderr)
     assert "split file not found" in line and str(tmp_path / "nosplits" / "splits_0.csv") in line
     assert "needlework slides splits" in line
-
-
-def test_slide_smaller_than_one_tile_gets_its_own_status(tmp_path, capsys):
-    slides = tmp_path / "slides"
-    slides.mkdir()
-    make_synthetic_slide(slides / "tiny.tif", SyntheticSlideSpec(width=96, height=80, n_lesions=0))
-    job = tmp_path / "job"
-    argv = ["slides", "tile", "--slides", str(slides), "--job_dir", str(job), "--tiling.patch_size", "128"]
-    with pytest.warns(UserWarning, match="too small for one tile") as caught:
-        assert main([*argv, "--progress", "false"]) == 0
-    assert not any("no tissue" in str(w.message) for w in caught)
-    tdir = job / "20x_128px_0px_overlap"
-    status = json.loads((tdir / "wsi_states" / "tile" / "tiny.json").read_text())
-    assert status["status"] == "too_small" and status["n_tiles"] == 0
-    ps0 = status["patch_size_level0"]
-    assert any(f"96 x 80 px at level 0, a tile is {ps0} x {ps0} px" in w for w in status["warnings"])
-    summary = json.loads((tdir / "wsi_states" / "tile" / "summary.json").read_text())
-    assert summary["counts"]["too_small"] == 1 and summary["counts"]["no_tissue"] == 0
-    assert summary["too_small"] == ["tiny"] and summary["no_tissue"] == []
-    out = capsys.readouterr().out
-    assert "1 too_small" in out and "smaller than one tile: tiny" in out
-    assert "Smaller than one tile" in (tdir / "wsi_states" / "tile" / "summary.md").read_text()
