@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "needlework"
 
 # lowest first; a module may import its own layer (if that makes no cycle) or any layer below
 LAYERS = [
-    {"registry", "checks", "_version", "_lazy", "profiling", "configs"},
+    {"registry", "errors", "checks", "_version", "_lazy", "profiling", "configs"},
     {"io"},
     {"ops"},
     {"ats", "topk", "mist", "metrics", "saliency"},

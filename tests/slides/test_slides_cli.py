@@ -272,8 +272,9 @@ def test_tile_from_a_config_file_resumes_and_flags_override_it(tmp_path, capsys)
 
 def test_bad_input_is_one_error_line_without_traceback(tmp_path, capsys):
     slides = _one_slide(tmp_path / "slides", mpp=None)  # no MPP: fails unless overridden
-    # a missing folder, a failing slide, an embed job without tiles: status 1, one "error:" line
-    assert main(["slides", "tile", "--slides", str(tmp_path / "nope"), "--job_dir", str(tmp_path / "j")]) == 1
+    # a missing folder, an embed job without tiles (bad input: status 2), a failing slide (status 1):
+    # one "error:" line
+    assert main(["slides", "tile", "--slides", str(tmp_path / "nope"), "--job_dir", str(tmp_path / "j")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: slide folder not found") and "Traceback" not in err
     tile = ["slides", "tile", "--slides", str(slides), "--job_dir", str(tmp_path / "j")]
@@ -286,7 +287,7 @@ def test_bad_input_is_one_error_line_without_traceback(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 failed" in out and "a:" in out
     embed = ["slides", "embed", "--slides", str(slides), "--job_dir", str(tmp_path / "empty")]
-    assert main(embed) == 1
+    assert main(embed) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "expected one tiling folder" in err and "Traceback" not in err
     # invalid values and unknown options are usage errors: status 2, "error: ..." naming the problem

@@ -48,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"needlework: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from needlework.errors import UserError
+
     module = importlib.import_module(COMMANDS[name][0])
-    # LightningCLI reads the verb itself; other commands get the arguments after their name.
-    result = module.main(argv if name in LIGHTNING_VERBS else argv[1:])
+    try:
+        # LightningCLI reads the verb itself; other commands get the arguments after their name.
+        result = module.main(argv if name in LIGHTNING_VERBS else argv[1:])
+    except UserError as exc:  # bad input (a wrong path in a config, a CSV without a column): no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

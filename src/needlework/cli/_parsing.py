@@ -115,12 +115,32 @@ def plain_warnings() -> Iterator[None]:
         warnings.formatwarning = old
 
 
-def run_reporting_errors(fn: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """Run a command; the expected failures (bad input, a failing slide) print ``error: <message>``
-    without a traceback and return status 1."""
+def run_reporting_errors(
+    fn: Callable[[], int],
+    errors: tuple[type[BaseException], ...],
+    failures: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run a command; the expected failures print ``error: <message>`` without a traceback.
+
+    ``failures`` (work that failed, e.g. a slide that could not be read) return status 1; ``errors``
+    and :class:`~needlework.errors.UserError` (bad input the user fixes: a wrong path, a CSV without a
+    column, an unknown encoder) return status 2, as a usage error does.
+    """
+    from needlework.errors import UserError
+
     with plain_warnings():
         try:
             return int(fn() or 0)
-        except errors as exc:
+        except failures as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except (UserError, *errors) as exc:
+            print(f"error: {_message(exc)}", file=sys.stderr)
+            return 2
+
+
+def _message(exc: BaseException) -> str:
+    # str(KeyError("x")) is "'x'": print the message itself
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)

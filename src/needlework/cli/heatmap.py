@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from needlework.errors import ConfigError, InputNotFoundError
 from needlework.slides.reader import list_slides, slide_id_of
 
 
@@ -82,6 +83,15 @@ def run_heatmaps(
     if bool(scores) == bool(features):
         raise ValueError("give exactly one of --scores or --features (with --checkpoint)")
     slide_dir = Path(slides)
+    if not slide_dir.exists():
+        raise InputNotFoundError(f"slides not found: {slide_dir}; give a slide file or a folder of slides")
+    source = Path(scores or features)  # type: ignore[arg-type]
+    option = "--scores" if scores else "--features"
+    if not source.exists():
+        raise InputNotFoundError(f"{option} not found: {source}; give an h5 file or a folder of them")
+    inputs = _files(str(source), ".h5")
+    if not inputs:
+        raise InputNotFoundError(f"{option} {source}: no .h5 files in that folder")
     found = (
         {slide_id_of(p): p for p in list_slides(slide_dir)}
         if slide_dir.is_dir()
@@ -95,10 +105,12 @@ def run_heatmaps(
 
         net = load_model(checkpoint, model, model_kwargs)
     n = 0
-    for src in _files(scores or features, ".h5"):  # type: ignore[arg-type]
+    unmatched = []
+    for src in inputs:
         sid = src.stem.removesuffix("_scores")
         if sid not in found:
             print(f"warning: no slide for {src.name} (slide id {sid!r}); skipped")
+            unmatched.append(sid)
             continue
         if net is not None:
             import torch
@@ -149,4 +161,9 @@ def run_heatmaps(
         )
         print(f"{sid}: " + ", ".join(f"{k} → {v}" for k, v in written.items()))
         n += 1
+    if n == 0 and unmatched:
+        raise ConfigError(
+            f"no slide in {slide_dir} matches the {option} files (slide ids {unmatched[:5]}, slides "
+            f"{sorted(found)[:5]}); a file <slide_id>.h5 needs the slide <slide_id>.<ext>"
+        )
     return n

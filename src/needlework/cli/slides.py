@@ -7,7 +7,8 @@ signatures, with their defaults and docstrings), in LightningCLI's style::
     needlework slides tile --slides runs/cohort/slides --job_dir runs/job \\
         --tiling.target_magnification 20 --tiling.patch_size 256 \\
         --mpp_csv runs/cohort/mpp_overrides.csv --skip_errors true
-    needlework slides embed --slides runs/cohort/slides --job_dir runs/job --encoder resnet50_trunc
+    needlework slides embed --slides runs/cohort/slides --job_dir runs/job --encoder resnet50_trunc \\
+        --weights r50_trunc.pth   # a pretrained name without weights is refused unless --random_weights true
     needlework slides splits --labels_csv runs/cohort/labels.csv --out_dir runs/splits --k 4
     needlework slides tile --print_config > tile.yaml   # then: needlework slides tile --config tile.yaml
 
@@ -198,11 +199,18 @@ COMMANDS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[ArgumentParser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from needlework.slides.jobs import SlideJobError
+    """Bad input the user fixes (status 2): wrong paths, bad CSVs, a slide named that cannot be read."""
     from needlework.slides.mpp import MissingMPPError
     from needlework.slides.reader import SlideOpenError
 
-    return (SlideJobError, MissingMPPError, SlideOpenError, FileNotFoundError, ValueError, KeyError)
+    return (MissingMPPError, SlideOpenError, FileNotFoundError, ValueError, KeyError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Work that failed (status 1): a slide of the run failed and --skip_errors was off."""
+    from needlework.slides.jobs import SlideJobError
+
+    return (SlideJobError,)
 
 
 def main(argv: list[str]) -> int:
@@ -219,4 +227,4 @@ def main(argv: list[str]) -> int:
     build_parser, run = COMMANDS[argv[0]]
     parser = build_parser()
     cfg = parse(parser, argv[1:])
-    return run_reporting_errors(lambda: run(parser, cfg), _expected_errors())
+    return run_reporting_errors(lambda: run(parser, cfg), _expected_errors(), _failures())

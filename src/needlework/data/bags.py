@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from needlework.data.splits import SPLITS, build_label_map, read_label_csv, select_split
+from needlework.errors import ConfigError, InputNotFoundError
 from needlework.registry import register_dataset
 
 
@@ -67,12 +68,12 @@ class SlideBagDataset(Dataset):
         if on_missing not in ("error", "skip"):
             raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
         if not features_dir or not labels_csv:
-            raise ValueError("slide_bags needs features_dir= (folder of <slide_id>.h5) and labels_csv=")
+            raise ConfigError("slide_bags needs features_dir= (folder of <slide_id>.h5) and labels_csv=")
         self.split, self.seed, self.mpp = split, seed, mpp
         self.max_instances = max_instances if split == "train" else None
         self.features_dir = Path(features_dir)
         if not self.features_dir.is_dir():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"features_dir not found: {self.features_dir} (run `needlework slides embed`)"
             )
         rows = read_label_csv(labels_csv, case_column, slide_column, label_column)
@@ -91,7 +92,7 @@ class SlideBagDataset(Dataset):
                 f"{missing[:10]}"
             )
             if on_missing == "error":
-                raise FileNotFoundError(msg + " (pass on_missing='skip' to leave them out)")
+                raise InputNotFoundError(msg + " (pass on_missing='skip' to leave them out)")
             warnings.warn(msg + "; left out", stacklevel=2)
         self.items = items[:size] if size is not None else items
         self._check_bags(split)
@@ -113,7 +114,7 @@ class SlideBagDataset(Dataset):
             if n == 0:
                 bad.append(f"{it['path']}: empty bag (0 tiles)")
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(bad)} bag(s) of split {split!r} cannot be used: "
                 + "; ".join(bad[:10])
                 + ". Re-embed those slides or remove them from the split / label CSV."

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from needlework.errors import ConfigError, InputNotFoundError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -35,13 +37,13 @@ def read_label_csv(
     """Rows ``{"case_id", "slide_id", "label"}`` (label kept as the file's string) of a slide-label CSV."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"label CSV not found: {path}")
+        raise InputNotFoundError(f"label CSV not found: {path}; check the path (--labels_csv, labels_csv=)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in (case_column, slide_column, label_column) if c not in fields]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: missing column(s) {missing}; found {fields}. Columns are configurable "
                 "(case_column=, slide_column=, label_column=)"
             )
@@ -54,7 +56,7 @@ def read_label_csv(
     ids = [r["slide_id"] for r in rows]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"{path}: slide ids listed twice: {dup[:10]}")
+        raise ConfigError(f"{path}: slide ids listed twice: {dup[:10]}")
     return rows
 
 
@@ -162,12 +164,12 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
     """``{"train", "val", "test": [slide ids]}`` from a CLAM-style ``splits_<i>.csv``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path} (create one with `needlework slides splits`)")
+        raise InputNotFoundError(f"split file not found: {path} (create one with `needlework slides splits`)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in reader.fieldnames or []]
         if not set(SPLITS) & set(fields):
-            raise ValueError(f"{path}: a split file needs columns train/val/test, found {fields}")
+            raise ConfigError(f"{path}: a split file needs columns train/val/test, found {fields}")
         out: dict[str, list[str]] = {s: [] for s in SPLITS}
         for row in reader:
             for s in SPLITS:
@@ -195,7 +197,7 @@ def select_split(
     if split_file is None and splits_dir is not None:
         split_file = Path(splits_dir) / f"splits_{fold}.csv"
     if split_file is None:
-        raise ValueError(
+        raise ConfigError(
             f"split {split!r} needs split_file= or splits_dir= + fold= "
             "(make them with `needlework slides splits`), or use split='all'"
         )
@@ -203,7 +205,7 @@ def select_split(
     by_id = {r["slide_id"]: r for r in rows}
     unknown = [s for s in wanted if s not in by_id]
     if unknown:
-        raise ValueError(f"{split_file}: slides {unknown[:10]} of split {split!r} are not in {labels_csv}")
+        raise ConfigError(f"{split_file}: slides {unknown[:10]} of split {split!r} are not in {labels_csv}")
     return [by_id[s] for s in wanted]
 
 

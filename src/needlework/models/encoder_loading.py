@@ -146,6 +146,29 @@ def hf_encoder(repo: str, weights: str | None = None) -> TileEncoder:
     ).eval()
 
 
+# Registered encoders whose name promises trained features (ImageNet / histology ResNets): without
+# weights they are random networks. resnet8 and color_stats mean nothing more than they compute.
+PRETRAINED_ENCODERS = frozenset({"resnet18", "resnet50", "resnet50_trunc"})
+
+
+def random_weights_of(
+    spec: str, weights: str | None = None, pretrained: bool = False, local_ckpts: str | None = None
+) -> bool:
+    """Whether ``spec`` would be built with random weights although its name means a trained model.
+
+    True for the ResNets of :data:`PRETRAINED_ENCODERS` and ``timm:`` / ``torchvision:`` models when
+    no weights are given (``weights``, the local-checkpoint registry, or ``pretrained=True`` for timm).
+    ``hf:`` models always load their repository's weights.
+    """
+    if weights or local_checkpoints(local_ckpts).get(spec):
+        return False
+    if spec.startswith("timm:"):
+        return not pretrained
+    if spec.startswith("torchvision:"):
+        return True
+    return spec in PRETRAINED_ENCODERS
+
+
 def build_tile_encoder(
     spec: str,
     weights: str | None = None,

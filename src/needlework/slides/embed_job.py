@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from needlework.errors import ConfigError, InputNotFoundError
 from needlework.io.h5 import (
     check_finite,
     read_coords,
@@ -53,6 +55,9 @@ class EmbedJobConfig:
         encoder: registered name (``needlework list encoders``) or ``timm:NAME`` / ``torchvision:NAME`` /
             ``hf:REPO``.
         weights: local state-dict file for the encoder.
+        random_weights: embed with random weights an encoder whose name means a trained model
+            (``resnet50_trunc``, ``timm:...``) when no ``weights`` are given; without it such a run is
+            refused. Recorded as a warning in every slide's status and the summary.
         encoder_kwargs: encoder arguments, e.g. ``{"pretrained": false}``.
         batch_size: tiles per forward pass.
         num_workers: DataLoader worker processes reading tiles (0 = in this process).
@@ -70,6 +75,7 @@ class EmbedJobConfig:
     tiling_dir_name: str | None = None
     encoder: str = "resnet50_trunc"
     weights: str | None = None
+    random_weights: bool = False
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     num_workers: int = 2
@@ -100,6 +106,35 @@ def _embed_hash(cfg: EmbedJobConfig) -> str:
 
 
 _ENCODERS: dict[str, Any] = {}
+
+
+def _random_weights(cfg: EmbedJobConfig) -> bool:
+    from needlework.models.encoder_loading import random_weights_of
+
+    kw = cfg.encoder_kwargs
+    return random_weights_of(cfg.encoder, cfg.weights, bool(kw.get("pretrained")), kw.get("local_ckpts"))
+
+
+RANDOM_WEIGHTS_NOTE = "random weights: encoder {!r} was given no --weights; its features are not pretrained"
+
+
+def check_encoder(cfg: EmbedJobConfig) -> None:
+    """Configuration errors of the encoder, raised once before any slide is processed: a name that
+    means a trained model without weights (unless ``random_weights``), an unknown or unbuildable encoder,
+    a weights file that does not load."""
+    if _random_weights(cfg) and not cfg.random_weights:
+        raise ConfigError(
+            f"encoder {cfg.encoder!r} has no weights: it would embed with random weights, not the pretrained "
+            "features its name means. Pass --weights FILE (a local state dict; or list it in "
+            "$NEEDLEWORK_LOCAL_CKPTS), or --random_weights true to embed with random weights anyway"
+        )
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise InputNotFoundError(f"weights file not found: {cfg.weights} (--weights)")
+    try:
+        _encoder(cfg)
+    except Exception as exc:  # the same for every slide: a configuration error, not a slide's
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise ConfigError(f"encoder {cfg.encoder!r} cannot be built: {message}") from exc
 
 
 def _encoder(cfg: EmbedJobConfig) -> Any:  # a torch.nn.Module (torch is imported when embedding)
@@ -141,6 +176,16 @@ def _finished(cfg: EmbedJobConfig, patches: Path, out: Path) -> int | None:
     return None
 
 
+def _no_tiles(attrs: dict[str, Any]) -> tuple[str, str]:
+    """Status and note of a slide without tiles: ``too_small`` when no tile fits in it (the tile stage
+    said so too), else ``no_tissue``."""
+    ps0 = int(attrs.get("patch_size_level0", 0))
+    width, height = int(attrs.get("level0_width", ps0)), int(attrs.get("level0_height", ps0))
+    if width < ps0 or height < ps0:
+        return "too_small", f"slide too small for one tile: {width} x {height} px, a tile {ps0} px (level 0)"
+    return "no_tissue", ""
+
+
 def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     """Embed the tiles of one slide into ``features_<encoder>/<slide_id>.h5``; returns its status."""
     from needlework.slides.embed import embed_tiles
@@ -166,7 +211,11 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                 raise FileNotFoundError(f"no patch file {patches}; run `needlework slides tile` first")
             coords, attrs = read_coords(patches)
             if len(coords) == 0:
-                status = _status(task, "embed", "no_tissue", n_tiles=0, seconds=round(time.time() - t0, 3))
+                kind, why = _no_tiles(attrs)
+                notes += [why] if why else []
+                status = _status(
+                    task, "embed", kind, n_tiles=0, warnings=notes, seconds=round(time.time() - t0, 3)
+                )
             else:
                 with _recorded_warnings(notes), open_slide(task.slide_path, cfg.reader) as slide:
                     # Opened here (workers open their own) so that reader fallbacks reach the status.
@@ -174,6 +223,8 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                 if attrs.get("reader") and backend != attrs["reader"]:
                     notes.append(f"tiles were cut with {attrs['reader']} but are read with {backend}")
                 encoder = _encoder(cfg)
+                if cfg.random_weights and _random_weights(cfg):
+                    notes.append(RANDOM_WEIGHTS_NOTE.format(cfg.encoder))
                 fixed = getattr(encoder, "input_size", None) if task_fixed_input(encoder) else None
                 tile_size = int(cfg.tile_size or fixed or attrs["patch_size"])
                 from tqdm.auto import tqdm
@@ -252,6 +303,9 @@ def run_embedding(
         wait_busy_s: wait up to this many seconds for slides that another run is processing.
     """
     tasks, _ = make_tasks(slides)
+    check_encoder(cfg)  # before any slide: an encoder error is the run's, not each slide's
+    if cfg.random_weights and _random_weights(cfg):
+        warnings.warn(RANDOM_WEIGHTS_NOTE.format(cfg.encoder), stacklevel=2)
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
     extra = {"skipped_files": _skipped_files(slides)}
     return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address, extra, wait_busy_s)

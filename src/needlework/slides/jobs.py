@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from needlework.errors import ConfigError, InputNotFoundError
 from needlework.io.h5 import (
     read_coords,
     validate_patches_h5,
@@ -46,7 +47,7 @@ from needlework.slides.status import (
     write_json_atomic,
     write_text_atomic,
 )
-from needlework.slides.tiling import SEGMENTER, TilingConfig, tile_slide, tiling_run_config
+from needlework.slides.tiling import SEGMENTER, TilingConfig, tile_geometry, tile_slide, tiling_run_config
 from needlework.slides.tissue import TissueParams, mask_to_geojson, qc_image
 
 
@@ -115,11 +116,11 @@ def make_tasks(
         warnings.warn(f"not read: {f['path']}: {f['reason']}", stacklevel=2)
     if not paths:
         listed = "".join(f"\n  {f['path']}: {f['reason']}" for f in skipped)
-        raise FileNotFoundError(f"no slides found in {slides}{listed}")
+        raise InputNotFoundError(f"no slides found in {slides}{listed}")
     ids = [slide_id_of(p) for p in paths]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(
+        raise ConfigError(
             f"several slides share the id(s) {dup}; slide ids (file names without extension) must be unique"
         )
     overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
@@ -189,6 +190,19 @@ def _tiled(cfg: TileJobConfig, out: Path, notes: list[str]) -> int | None:
     return None
 
 
+def _too_small(slide: Any, tiling: TilingConfig) -> str:
+    """Why no tile fits in the slide (``""`` when one does): its level-0 size against the tile's."""
+    ps0, _ = tile_geometry(slide.mpp, tiling)
+    width, height = slide.dimensions
+    if width >= ps0 and height >= ps0:
+        return ""
+    return (
+        f"slide too small for one tile: {width} x {height} px at level 0, a tile is {ps0} x {ps0} px "
+        f"at level 0 ({tiling.patch_size} px at {tiling.magnification:g}x); lower --tiling.patch_size "
+        "or --tiling.target_magnification"
+    )
+
+
 def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
     """Segment and tile one slide; returns its status dict (never raises for a bad slide)."""
     t0 = time.time()
@@ -220,7 +234,11 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
                 )
                 if geo is not None and not geo.is_file():
                     raise FileNotFoundError(f"tissue GeoJSON not found: {geo}")
-                res = tile_slide(slide, cfg.tiling, cfg.tissue, tissue_mask=geo)
+                too_small = _too_small(slide, cfg.tiling)
+                with warnings.catch_warnings():
+                    if too_small:  # no tile fits: the segmentation's warnings would only mislead
+                        warnings.simplefilter("ignore")
+                    res = tile_slide(slide, cfg.tiling, cfg.tissue, tissue_mask=geo)
                 # The QC picture is drawn on a larger thumbnail than the segmentation one.
                 vis, vis_ds = slide.thumbnail_at_downsample(max(slide.dimensions) / cfg.qc_max_side)
             ps0 = res.patch_size_level0
@@ -239,7 +257,10 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
             )
             write_patches_h5(out, res.coords, res.attrs, {"tissue_fraction": res.tissue_fraction})
             n = len(res.coords)
-            if n == 0:
+            if too_small:
+                warnings.warn(f"{task.slide_id}: {too_small}", stacklevel=1)
+                notes.append(too_small)
+            elif n == 0:
                 warnings.warn(
                     f"{task.slide_id}: no tissue found (0 tiles); check "
                     f"{tdir / 'visualization' / (task.slide_id + '.png')} and the --tissue.* options",
@@ -249,7 +270,7 @@ def tile_one(task: SlideTask, cfg: TileJobConfig) -> dict[str, Any]:
             status = _status(
                 task,
                 "tile",
-                "done" if n else "no_tissue",
+                "done" if n else "too_small" if too_small else "no_tissue",
                 n_tiles=n,
                 reader=res.attrs["reader"],
                 mpp_level0=res.attrs["mpp_level0"],
@@ -390,7 +411,7 @@ def find_tiling_dir(job_dir: str | Path) -> str:
     """The single tiling folder of ``job_dir`` (error listing them when there are several or none)."""
     found = sorted(p.name for p in Path(job_dir).glob("*x_*px_*px_overlap") if (p / "patches").is_dir())
     if len(found) != 1:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{job_dir}: expected one tiling folder (like 20x_256px_0px_overlap/patches), "
             f"found {found or 'none'}; "
             "run `needlework slides tile` first or pass --tiling_dir_name NAME"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from needlework.errors import InputNotFoundError
+
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".btf",
     ".qptiff",
@@ -46,7 +48,9 @@ def scan_slides(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"slide folder not found: {folder}")
+        raise InputNotFoundError(
+            f"slide folder not found: {folder}; check --slides (a folder of slides or a slide file)"
+        )
     slides: list[Path] = []
     skipped: list[dict[str, str]] = []
     dicom_ok, version = openslide_reads_dicom()

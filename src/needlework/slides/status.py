@@ -1,8 +1,9 @@
 """Per-slide status files, run summaries, lock files and atomic small-file writes.
 
 ``wsi_states/<stage>/<slide_id>.json`` holds ``status`` ∈ {``done``, ``failed``, ``no_tissue``,
-``skipped``}, timings, tile count, reader, error message and traceback tail. ``summary.json`` and
-``summary.md`` count the statuses of a run and list its failures.
+``too_small`` (no tile fits in the slide), ``skipped``, ``busy``}, timings, tile count, reader, error
+message and traceback tail. ``summary.json`` and ``summary.md`` count the statuses of a run and list
+its failures.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from needlework.slides.locks import SlideLock as SlideLock  # re-exported: older code imports it here
 
-STATUSES = ("done", "no_tissue", "skipped", "failed", "busy")
+STATUSES = ("done", "no_tissue", "too_small", "skipped", "failed", "busy")
 BUSY_HINT = (
     "Busy slides are being processed by another run (or their lock is held by a process on another "
     "machine): rerun when it has finished, or delete the lock file if no run is working on that slide."
@@ -92,6 +93,7 @@ def summarise(
             if s["status"] == "failed"
         ],
         "no_tissue": [s["slide_id"] for s in statuses if s["status"] == "no_tissue"],
+        "too_small": [s["slide_id"] for s in statuses if s["status"] == "too_small"],
         "busy": [
             {"slide_id": s["slide_id"], "lock": s.get("lock", ""), "error": s.get("error", "")}
             for s in statuses
@@ -109,6 +111,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Tiles: {summary['n_tiles']}"]
     if summary["no_tissue"]:
         lines += ["", "## No tissue found", ""] + [f"- {s}" for s in summary["no_tissue"]]
+    if summary.get("too_small"):
+        lines += ["", "## Smaller than one tile", ""] + [f"- {s}" for s in summary["too_small"]]
     if summary["failures"]:
         lines += ["", "## Failures", ""] + [
             f"- **{f['slide_id']}**: {f['error']}" for f in summary["failures"]
@@ -140,6 +144,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     if summary["no_tissue"]:
         text += "\n  no tissue found in: " + ", ".join(summary["no_tissue"])
+    if summary.get("too_small"):
+        text += "\n  smaller than one tile: " + ", ".join(summary["too_small"])
     if summary["failures"]:
         text += "\n  failed:\n" + "\n".join(f"    {f['slide_id']}: {f['error']}" for f in summary["failures"])
     if summary.get("busy"):

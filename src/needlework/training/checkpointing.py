@@ -8,6 +8,14 @@ scores the lowest loss wins and, at equal loss, the later epoch. When the best s
 more than one epoch, or the validation set has fewer than ``min_val_items`` items, a warning says
 that the validation set is too small to choose.
 
+Checkpoints are written atomically: to a temporary file beside the target, then renamed over it
+(:class:`AtomicCheckpointIO`). Lightning's own writer renames from the system temporary folder, which
+is a copy into the final name (not atomic) when that folder is on another file system, and leaves the
+temporary file behind when the process is killed.
+
+``last.ckpt`` is written after every epoch (Lightning writes it only when a top-k checkpoint was
+written too, so after a crash it could be many epochs old).
+
 A resumed run (``--ckpt_path .../last.ckpt``) writes a new run folder; Lightning then forgets the best
 score of the interrupted run and keeps the first epoch after the resume, however poor. Here the kept
 checkpoints of the interrupted run are remembered as long as their files exist.
@@ -15,15 +23,45 @@ checkpoints of the interrupted run are remembered as long as their files exist.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["BestCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "BestCheckpoint"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.<name>.tmp-<pid>`` in the checkpoint's folder, ``fsync``, then
+    ``os.replace`` over the checkpoint: a checkpoint file is complete or absent, never half-written."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic write there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        target = os.fspath(path)
+        folder, name = os.path.split(target)
+        os.makedirs(folder or ".", exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        return None
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -116,12 +154,32 @@ class BestCheckpoint(ModelCheckpoint):
                 "use a larger validation set"
             )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Lightning's default writer only (a user's own CheckpointIO plugin is left alone)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._size_checked = False
 
+    def _save_last_too(self, trainer: L.Trainer) -> None:
+        # Lightning (2.5+) refreshes last.ckpt only when a top-k checkpoint was saved at the same step:
+        # after an epoch that did not improve, last.ckpt stays at the best epoch, and a resume after a
+        # crash repeats every epoch since then. Here last.ckpt is the last epoch, always.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_too(trainer)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_too(trainer)
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self._check_size(trainer)
