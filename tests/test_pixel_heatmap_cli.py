@@ -48,7 +48,7 @@ def fitted(tmp_path_factory):
 def _heatmap(fitted, out, *extra):
     return cli_main(
         ["slides", "heatmap", "--slides", str(fitted["slides_dir"]), "--out_dir", str(out),
-         "--checkpoint", str(fitted["checkpoint"]), "--formats", '["png", "h5", "geojson"]',
+         "--checkpoint", str(fitted["checkpoint"]), "--formats", "[png, h5, geojson]",
          "--max_side", "256", *extra]
     )  # fmt: skip
 
@@ -118,13 +118,19 @@ def test_pixel_checkpoint_heatmaps_map_onto_the_x_low_cells(fitted, tmp_path):
     assert Image.open(tmp_path / f"{sid}_heatmap.png").size[0] >= 192
 
 
-def test_pixel_heatmap_geojson_top_k(fitted, tmp_path):
-    assert _heatmap(fitted, tmp_path, "--geojson_top_k", "3") == 0
+def test_pixel_heatmap_geojson_top_k_and_view_override(fitted, tmp_path):
     import h5py
 
+    # a coarser x_low than in training (--pixel_kwargs), the best 3 cells only in the GeoJSON
+    args = ["--geojson_top_k", "3", "--pixel_kwargs", '{"low_mpp": 8.0}', "--formats", "[h5, geojson]"]
+    assert _heatmap(fitted, tmp_path, *args) == 0
     sid = "slide_000"
+    assert not (tmp_path / f"{sid}_heatmap.png").exists()
     with h5py.File(tmp_path / f"{sid}_scores.h5") as f:
         coords, scores = f["coords"][:], f["scores"][:]
+        attrs = dict(f["scores"].attrs)
+    assert attrs["low_mpp"] == pytest.approx(8.0)
+    assert attrs["patch_size_level0"] == CELL * 32  # 8 µm/px over 0.25 µm/px level 0
     features = json.loads((tmp_path / f"{sid}_heatmap.geojson").read_text())["features"]
     corners = [tuple(f["geometry"]["coordinates"][0][0]) for f in features]
     best = np.argsort(-scores, kind="stable")[:3]
