@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,18 +44,26 @@ def cohort(tmp_path_factory):
     return info
 
 
-def _datasets(cohort):
+def _datasets(cohort, patches: bool = False):
+    """The precomputed dataset and the on-the-fly one (higher levels: features files, or with
+    ``patches`` only the tiling's coordinates, never embedded)."""
     kw = {"split": "all", "features_dirs": cohort["dirs"], "labels_csv": str(cohort["labels_csv"])}
     feats = needlework.create_dataset("slide_bags_multimag", **kw)
+    if patches:
+        kw["features_dirs"] = [
+            cohort["dirs"][0],
+            *(str(Path(d).parent / "patches") for d in cohort["dirs"][1:]),
+        ]
     pixels = needlework.create_dataset(
         "slide_bags_multimag_pixels", slides_dir=str(cohort["slides_dir"]), **kw
     )
     return feats, pixels
 
 
-def test_on_the_fly_features_equal_the_precomputed_ones(cohort):
+@pytest.mark.parametrize("patches", [False, True], ids=["features", "patches"])
+def test_on_the_fly_features_equal_the_precomputed_ones(cohort, patches):
     encoder = needlework.create_encoder("color_stats")
-    feats, pixels = _datasets(cohort)
+    feats, pixels = _datasets(cohort, patches)
     assert len(feats) == len(pixels) == 2
     for i in range(len(feats)):
         a, b = feats[i], pixels[i]
@@ -72,8 +82,9 @@ def test_on_the_fly_features_equal_the_precomputed_ones(cohort):
             torch.testing.assert_close(on_the_fly, a[f"bag_{level}"][mask], rtol=1e-5, atol=1e-6)
 
 
-def test_zoommil_gives_the_same_output_on_tiles_read_from_the_slide(cohort):
-    feats, pixels = _datasets(cohort)
+@pytest.mark.parametrize("patches", [False, True], ids=["features", "patches"])
+def test_zoommil_gives_the_same_output_on_tiles_read_from_the_slide(cohort, patches):
+    feats, pixels = _datasets(cohort, patches)
     dim = feats[0]["bag"].shape[1]
     torch.manual_seed(0)
     kw = {"num_levels": 3, "k": 2, "hidden_dim": 8, "attention_dim": 4, "dropout": 0.0}

@@ -7,7 +7,8 @@ its slots, and ZoomMIL's ``child_encoder`` embeds only the children it zooms int
 (:func:`needlework.ops.zoom.embed_rows`), read through
 :class:`~needlework.slides.patch_reader.SlidePatchReader`
 exactly as ``needlework slides embed`` reads them — the same encoder gives the same features as the
-precomputed ones, so the higher levels never need embedding in full.
+precomputed ones, so the higher levels never need embedding in full: above the lowest magnification,
+``features_dirs`` may name the tiling's ``patches`` folders (coordinates only).
 
 Batch with the ``pad_bag_levels_tiles`` collate; use ``zoommil`` with ``child_encoder`` (e.g.
 ``color_stats``, whose ``embed_dim`` must equal ``in_dim``).
@@ -117,7 +118,8 @@ class SlideBagsMultiMagPixels(SlideBagsMultiMag):
         reader: ``"auto"``, ``"openslide"`` or ``"tiffslide"``.
         num_threads: threads reading the tiles of one call.
         kwargs: the arguments of ``slide_bags_multimag`` (``features_dirs``, ``labels_csv`` ...); only the
-            first features folder is read for features, the others for their coordinates and tile sizes.
+            first folder's features are used, the others give coordinates and tile sizes (features
+            folders, or the tiling's ``patches`` folders).
     """
 
     def __init__(
