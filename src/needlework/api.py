@@ -6,7 +6,8 @@ and ``needlework.data`` (their modules register themselves), then hands over to 
 
 import needlework.data
 import needlework.models  # registers the built-in models and encoders
-import needlework.slides.pixel_data  # noqa: F401  (registers slide_images)
+import needlework.slides.pixel_data  # registers slide_images
+import needlework.slides.zoom_tiles  # noqa: F401  (registers slide_bags_multimag_pixels)
 from needlework.models.checkpoint import load_model
 from needlework.registry import (
     create_dataset,

@@ -1,4 +1,5 @@
-"""``needlework slides heatmap``: heatmaps from a scores file, or from features + a trained model."""
+"""``needlework slides heatmap``: heatmaps from a scores file, from features + a trained model, or from the
+slide pixels + a model trained on them (ATS, DPS, IPS with the ``slide_images`` dataset)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,15 @@ def run_heatmaps(
     bottom_k: int = 0,
     geojson_top_k: int | None = None,
     geojson_min_score: float | None = None,
+    mpp_csv: str | None = None,
+    pixel_kwargs: dict[str, Any] | None = None,
 ) -> int:
     """Heatmaps of every scores (or features) file whose slide is found; returns the number written.
+
+    With ``checkpoint`` alone (no ``scores``/``features``) the checkpoint must be one of ``needlework
+    fit`` on the ``slide_images`` dataset: every slide is viewed as in training (``low_mpp``,
+    ``high_mpp``, ``patch_size`` ... from the checkpoint) and the model's attention over ``x_low`` is
+    drawn (:mod:`needlework.slides.pixel_heatmap`).
 
     Args:
         slides: slide file, or folder of slides (matched to the score files by slide id).
@@ -76,12 +84,43 @@ def run_heatmaps(
         bottom_k: lowest-scoring tiles exported as PNGs.
         geojson_top_k: keep only the best tiles in the GeoJSON.
         geojson_min_score: keep only tiles scoring at least this in the GeoJSON.
+        mpp_csv: pixel models: per-slide level-0 µm/px overrides (default: the training run's, if the
+            file is there).
+        pixel_kwargs: pixel models: overrides of the training dataset's arguments, e.g.
+            ``{"max_low_side": 2048, "tissue": {"min_area_um2": 0}}``.
     """
     from needlework.io.h5 import patch_size_level0_of, read_features
     from needlework.slides.heatmap_export import export_heatmap
 
-    if bool(scores) == bool(features):
+    if scores and features:
         raise ValueError("give exactly one of --scores or --features (with --checkpoint)")
+    data = _checkpoint_data(checkpoint) if checkpoint else None
+    pixel = data is not None and data.get("dataset") == "slide_images"
+    if not scores and not features:
+        if not checkpoint:
+            raise ValueError(
+                "give --scores, or --features with --checkpoint, or --checkpoint of a model trained "
+                "on slide pixels (dataset slide_images) alone"
+            )
+        if not pixel:
+            what = (
+                f"the {data['dataset']!r} dataset" if data and data.get("dataset") else "an unknown dataset"
+            )
+            raise ValueError(
+                f"--checkpoint {checkpoint}: a model trained on {what}, not on slide pixels "
+                "(slide_images); give its tile features with --features DIR"
+            )
+        return _pixel_heatmaps(
+            slides, out_dir, checkpoint, data, model, model_kwargs, formats, mpp_csv, pixel_kwargs,
+            dict(normalisation=normalisation, cmap=cmap, alpha=alpha, max_side=max_side,
+                 smooth_sigma=smooth_sigma, top_k=top_k, bottom_k=bottom_k,
+                 geojson_top_k=geojson_top_k, geojson_min_score=geojson_min_score),
+        )  # fmt: skip
+    if features and pixel:
+        raise ValueError(
+            f"--checkpoint {checkpoint} is a model of slide pixels (slide_images), not of tile "
+            "features: drop --features to draw its attention over the slides"
+        )
     slide_dir = Path(slides)
     if not slide_dir.exists():
         raise InputNotFoundError(f"slides not found: {slide_dir}; give a slide file or a folder of slides")
@@ -166,4 +205,65 @@ def run_heatmaps(
             f"no slide in {slide_dir} matches the {option} files (slide ids {unmatched[:5]}, slides "
             f"{sorted(found)[:5]}); a file <slide_id>.h5 needs the slide <slide_id>.<ext>"
         )
+    return n
+
+
+def _checkpoint_data(checkpoint: str) -> dict[str, Any] | None:
+    """The ``datamodule_hyper_parameters`` of a Lightning checkpoint (``None`` for a plain state dict)."""
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (a .ckpt of `needlework fit`)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: one clear message
+        raise ValueError(
+            f"--checkpoint {checkpoint}: not a PyTorch checkpoint ({type(exc).__name__})"
+        ) from None
+    data = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
+    return dict(data) if data is not None else None
+
+
+def _pixel_heatmaps(
+    slides: str,
+    out_dir: str,
+    checkpoint: str,
+    data: dict[str, Any],
+    model: str | None,
+    model_kwargs: dict[str, Any] | None,
+    formats: tuple[str, ...],
+    mpp_csv: str | None,
+    pixel_kwargs: dict[str, Any] | None,
+    export: dict[str, Any],
+) -> int:
+    """Attention heatmaps of a pixel model over every slide of ``slides``; returns the number written."""
+    from needlework.models.checkpoint import load_model
+    from needlework.slides.mpp import load_mpp_overrides, override_for
+    from needlework.slides.pixel_heatmap import export_pixel_heatmap, slide_pixel_batch
+
+    kwargs = {**dict(data.get("dataset_kwargs") or {}), **(pixel_kwargs or {})}
+    view = {
+        k: kwargs[k]
+        for k in ("low_mpp", "high_mpp", "patch_size", "max_low_side", "tissue", "mask_low", "reader")
+        if k in kwargs
+    }
+    if mpp_csv is None and kwargs.get("mpp_csv") and Path(kwargs["mpp_csv"]).is_file():
+        mpp_csv = kwargs["mpp_csv"]
+    overrides = load_mpp_overrides(mpp_csv) if mpp_csv else {}
+    net = load_model(checkpoint, model, model_kwargs)
+    slide_dir = Path(slides)
+    paths = list_slides(slide_dir) if slide_dir.is_dir() else [slide_dir]
+    if not paths:
+        raise FileNotFoundError(f"--slides {slides}: no slide files")
+    name = model or Path(checkpoint).name
+    n = 0
+    for path in paths:
+        sid = slide_id_of(path)
+        batch = slide_pixel_batch(
+            path, mpp_override=override_for(overrides, path.name, sid), slide_id=sid, **view
+        )
+        written = export_pixel_heatmap(net, batch, out_dir, formats=formats, attrs={"model": name}, **export)
+        print(f"{sid}: " + ", ".join(f"{k} → {v}" for k, v in written.items()))
+        n += 1
     return n

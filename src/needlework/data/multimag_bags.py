@@ -39,6 +39,13 @@ from needlework.registry import register_dataset
 _Level = tuple[np.ndarray, np.ndarray, dict[str, Any]]
 
 
+def _level_file(folder: Path, slide_id: str) -> Path:
+    """``<slide_id>.h5`` (features) in ``folder``, else a tiling's ``<slide_id>_patches.h5``."""
+    patches = folder / f"{slide_id}_patches.h5"
+    features = folder / f"{slide_id}.h5"
+    return patches if not features.is_file() and patches.is_file() else features
+
+
 @register_dataset("slide_bags_multimag")
 class SlideBagsMultiMag(SlideBagDataset):
     """Slide-level bags at several magnifications (see the module docstring).
@@ -46,6 +53,8 @@ class SlideBagsMultiMag(SlideBagDataset):
     Args:
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (as in ``slide_bags``).
         features_dirs: one folder of ``<slide_id>.h5`` per magnification, lowest magnification first.
+            Above the lowest, a tiling's ``patches`` folder (``<slide_id>_patches.h5``, coordinates only)
+            gives zero-width ``bag_<l>``: for ``slide_bags_multimag_pixels``, which embeds them on the fly.
         labels_csv, split_file, splits_dir, fold, label_map, seed, size, cache, *_column: as in
             ``slide_bags``.
         on_missing: ``"error"`` (default) or ``"skip"`` (warn) for slides without a features file at
@@ -87,7 +96,7 @@ class SlideBagsMultiMag(SlideBagDataset):
         )
         kept, missing = [], []
         for item in self.items:
-            paths = [d / f"{item['slide_id']}.h5" for d in self.features_dirs]
+            paths = [_level_file(d, item["slide_id"]) for d in self.features_dirs]
             absent = [str(p) for p in paths if not p.is_file()]
             if absent:
                 missing.append(f"{item['slide_id']} (no {', '.join(absent)})")
@@ -108,9 +117,17 @@ class SlideBagsMultiMag(SlideBagDataset):
         return len(self.features_dirs)
 
     def _read_level(self, path: Path) -> _Level:
-        from needlework.io.h5 import read_features
+        import h5py
 
-        feats, coords, attrs = read_features(path)
+        from needlework.io.h5 import read_coords, read_features
+
+        with h5py.File(path, "r") as f:
+            has_features = "features" in f
+        if has_features:
+            feats, coords, attrs = read_features(path)
+        else:  # a tiling patch file: coordinates only (tiles embedded on the fly), zero-width features
+            coords, attrs = read_coords(path)
+            feats = np.zeros((len(coords), 0), np.float32)
         if coords is None or "patch_size_level0" not in attrs:
             raise ValueError(
                 f"{path}: multi-magnification bags need level-0 coords and a patch_size_level0 attribute "
@@ -133,7 +150,9 @@ class SlideBagsMultiMag(SlideBagDataset):
                 f"slide {item['slide_id']}: features_dirs must go from low to high magnification, got "
                 + ", ".join(f"{m:g}x ({n})" for m, n in zip(mags, names))
             )
-        dims = {f.shape[1] for f, _, _ in levels}
+        if levels[0][0].shape[1] == 0:
+            raise ValueError(f"{names[0]}: the lowest magnification needs features (run `slides embed`)")
+        dims = {f.shape[1] for f, _, _ in levels if f.shape[1]}
         if len(dims) > 1:
             raise ValueError(
                 f"slide {item['slide_id']}: feature widths differ across magnifications "

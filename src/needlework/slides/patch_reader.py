@@ -154,6 +154,22 @@ class SlidePatchReader:
         self._map(one, list(range(len(corners))))
         return out
 
+    def read_level0(self, coords0: Any, size0: int, out_size: int, resize: str = "box") -> np.ndarray:
+        """RGB uint8 ``(n, out_size, out_size, 3)`` tiles of the level-0 boxes ``(x, y, size0, size0)``
+        at level-0 top-left ``coords0`` ``(n, 2)``, read as ``needlework slides embed`` reads them
+        (:meth:`~needlework.slides.reader.SlideReader.read_region_at`, box filter by default), so an
+        encoder sees the same pixels here as when the tiles were embedded."""
+        coords0 = np.asarray(coords0, dtype=np.int64).reshape(-1, 2)
+        slide = self.slide
+        out = np.zeros((len(coords0), out_size, out_size, 3), np.uint8)
+
+        def one(i: int) -> None:
+            x, y = int(coords0[i, 0]), int(coords0[i, 1])
+            out[i] = slide.read_region_at(x, y, size0, size0, out_size, out_size, resize=resize)
+
+        self._map(one, list(range(len(coords0))))
+        return out
+
 
 class SlidePixels:
     """Lazy high-resolution image of ``B`` slides, ``shape`` ``(B, 3, H, W)`` float32 in [0, 1].

@@ -40,7 +40,14 @@ from needlework.slides.patch_reader import SlidePatchReader, SlidePixels, cached
 from needlework.slides.reader import SlideReader, list_slides, slide_id_of
 from needlework.slides.tissue import TissueParams, segment_tissue
 
-__all__ = ["LowView", "SlideImageDataset", "collate_slide_pixels", "low_resolution_view"]
+__all__ = [
+    "LowView",
+    "SlideImageDataset",
+    "collate_slide_pixels",
+    "low_resolution_view",
+    "pixel_canvas",
+    "pixel_item",
+]
 
 
 @dataclass
@@ -185,34 +192,48 @@ class SlideImageDataset(Dataset):
             self._cache[i] = view
         return view
 
-    def _canvas(self, h: int, w: int) -> tuple[int, int]:
-        """Low canvas ≥ ``(h, w)`` whose high raster holds whole patches over all of the slide."""
-        p, r = self.patch_size, self.ratio
-        return tuple(  # type: ignore[return-value]
-            max(n, math.ceil(math.ceil(n * r / p) * p / r - 1e-9)) for n in (h, w)
-        )
-
     def __getitem__(self, i: int) -> dict[str, Any]:
-        it, view = self.items[i], self.low_view(i)
-        h, w = view.tissue.shape
-        ch, cw = self._canvas(h, w)
-        low = torch.zeros(3, ch, cw)
-        tissue = torch.zeros(1, ch, cw)
-        tissue[0, :h, :w] = torch.from_numpy(view.tissue.astype(np.float32))
-        low[:, :h, :w] = torch.from_numpy(view.image).permute(2, 0, 1).float().div_(255.0)
-        if self.mask_low:
-            low = low * tissue
+        it = self.items[i]
         reader = SlidePatchReader(it["path"], it["mpp_override"], self.reader, self.num_threads)
         return {
-            "x_low": low,
-            "tissue": tissue,
-            "x_high": SlidePixels.from_low([reader], [view.downsample], (ch, cw), self.ratio),
-            "low_downsample": torch.tensor(view.downsample, dtype=torch.float64),
+            **pixel_item(self.low_view(i), reader, self.ratio, self.patch_size, self.mask_low),
             "label": torch.tensor(it["y"], dtype=torch.int64),
             "slide_id": it["slide_id"],
             "case_id": it["case_id"],
             "index": i,
         }
+
+
+def pixel_canvas(h: int, w: int, patch_size: int, ratio: float) -> tuple[int, int]:
+    """Low canvas ≥ ``(h, w)`` whose high raster (``ratio`` times finer) holds whole patches of
+    ``patch_size`` over all of the slide."""
+    p, r = patch_size, ratio
+    return tuple(  # type: ignore[return-value]
+        max(n, math.ceil(math.ceil(n * r / p) * p / r - 1e-9)) for n in (h, w)
+    )
+
+
+def pixel_item(
+    view: LowView, reader: SlidePatchReader, ratio: float, patch_size: int, mask_low: bool = True
+) -> dict[str, Any]:
+    """The model inputs of one slide (no label): ``x_low`` ``(3, h, w)`` (masked to tissue when
+    ``mask_low``) and ``tissue`` ``(1, h, w)`` on the padded canvas of :func:`pixel_canvas`, the lazy
+    ``x_high`` and ``low_downsample`` ``(2,)`` float64. Used by the dataset and by the pixel heatmaps,
+    so both see a slide identically."""
+    h, w = view.tissue.shape
+    ch, cw = pixel_canvas(h, w, patch_size, ratio)
+    low = torch.zeros(3, ch, cw)
+    tissue = torch.zeros(1, ch, cw)
+    tissue[0, :h, :w] = torch.from_numpy(view.tissue.astype(np.float32))
+    low[:, :h, :w] = torch.from_numpy(view.image).permute(2, 0, 1).float().div_(255.0)
+    if mask_low:
+        low = low * tissue
+    return {
+        "x_low": low,
+        "tissue": tissue,
+        "x_high": SlidePixels.from_low([reader], [view.downsample], (ch, cw), ratio),
+        "low_downsample": torch.tensor(view.downsample, dtype=torch.float64),
+    }
 
 
 @register_collate("slide_pixels")

@@ -21,7 +21,7 @@ import torch
 from needlework.slides.heatmap_export import FORMATS, export_heatmap
 from needlework.slides.patch_reader import SlidePixels
 
-__all__ = ["export_pixel_heatmap", "pixel_attention_tiles"]
+__all__ = ["export_pixel_heatmap", "pixel_attention_tiles", "slide_pixel_batch"]
 
 
 def pixel_attention_tiles(
@@ -73,7 +73,9 @@ def export_pixel_heatmap(
     """Run ``model`` (eval mode) on a ``slide_pixels`` batch and write the heatmap of slide ``index``.
 
     ``kwargs`` go to :func:`~needlework.slides.heatmap_export.export_heatmap` (``normalisation``,
-    ``cmap``, ``max_side``, ``geojson_top_k`` ...). Returns ``{format: path}``.
+    ``cmap``, ``max_side``, ``geojson_top_k`` ...; ``attrs`` are added to the h5's). The h5 keeps
+    ``mpp_level0``, ``low_mpp``, ``high_mpp`` and ``low_downsample`` beside the level-0 ``coords``.
+    Returns ``{format: path}``.
     """
     from needlework.models.base import route_batch
 
@@ -96,12 +98,52 @@ def export_pixel_heatmap(
         out, x_high, index, patch if isinstance(patch, int) else None
     )
     reader = x_high.readers[index]
+    mpp0 = float(reader.slide.mpp)
     attrs = {
         "model": type(model).__name__,
-        "mpp_level0": float(reader.slide.mpp),
+        "mpp_level0": mpp0,
         "high_downsample": float(np.mean(x_high.downsamples[index])),
+        "high_mpp": mpp0 * float(np.mean(x_high.downsamples[index])),
     }
+    if "low_downsample" in batch:  # x_low pixel (x, y) starts at level 0 (x·dx, y·dy)
+        low = np.asarray(batch["low_downsample"][index], dtype=np.float64)
+        attrs.update(low_downsample=low, low_mpp=mpp0 * float(low.mean()))
+    attrs.update(kwargs.pop("attrs", None) or {})
     slide_id = batch["slide_id"][index] if "slide_id" in batch else None
     return export_heatmap(
         scores, coords, side, reader.slide, out_dir, slide_id=slide_id, formats=formats, attrs=attrs, **kwargs
     )
+
+
+def slide_pixel_batch(
+    path: str | Path,
+    low_mpp: float,
+    high_mpp: float,
+    patch_size: int,
+    mpp_override: float | None = None,
+    max_low_side: int = 4096,
+    tissue: dict[str, Any] | None = None,
+    mask_low: bool = True,
+    reader: str = "auto",
+    num_threads: int = 1,
+    slide_id: str | None = None,
+) -> dict[str, Any]:
+    """A batch of one slide, exactly as the ``slide_images`` dataset (same arguments) gives it to the
+    model, without labels: ``x_low``, ``tissue``, ``x_high``, ``low_downsample``, ``slide_id``."""
+    from needlework.slides.patch_reader import SlidePatchReader, cached_slide
+    from needlework.slides.pixel_data import collate_slide_pixels, low_resolution_view, pixel_item
+    from needlework.slides.reader import slide_id_of
+    from needlework.slides.tissue import TissueParams
+
+    if not 0 < high_mpp <= low_mpp:
+        raise ValueError(f"need 0 < high_mpp <= low_mpp, got high_mpp={high_mpp}, low_mpp={low_mpp}")
+    try:
+        params = TissueParams(**(tissue or {}))
+    except TypeError as exc:
+        raise ValueError(f"bad tissue= {tissue!r}: {exc}") from None
+    view = low_resolution_view(cached_slide(path, mpp_override, reader), low_mpp, max_low_side, params)
+    patches = SlidePatchReader(path, mpp_override, reader, num_threads)
+    item = pixel_item(view, patches, low_mpp / high_mpp, int(patch_size), mask_low)
+    sid = slide_id or slide_id_of(Path(path))
+    item.update(label=torch.tensor(-1), slide_id=sid, case_id=sid, index=0)
+    return collate_slide_pixels([item])

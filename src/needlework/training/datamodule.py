@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 import needlework.data  # registers the built-in datasets and collates
-import needlework.slides.pixel_data  # noqa: F401  (registers slide_images and the slide_pixels collate)
+import needlework.slides.pixel_data  # registers slide_images and the slide_pixels collate
+import needlework.slides.zoom_tiles  # noqa: F401  (registers slide_bags_multimag_pixels + its collate)
 from needlework.registry import create_dataset, create_transform, get_collate
 from needlework.training.distributed import UnpaddedDistributedSampler
 
