@@ -43,7 +43,7 @@ def n_params(model: nn.Module) -> int:
 
 
 # -- MIL ---------------------------------------------------------------------------------------------------
-def _ours_mil(name: str, in_dim: int, hidden: int, tokens: dict[str, int]) -> nn.Module:
+def _ours_mil(name: str, in_dim: int, hidden: int, tokens: dict[str, int], matched: bool) -> nn.Module:
     """Our model with one logit and BCE (torchmil's binary setting)."""
     if name == "abmil":
         model = needlework.create_model(
@@ -62,6 +62,9 @@ def _ours_mil(name: str, in_dim: int, hidden: int, tokens: dict[str, int]) -> nn
             heads=tokens["heads"],
             num_landmarks=tokens["landmarks"],
             dropout=0.0,
+            # matched: without the output projection and value convolution torchmil's layer omits
+            residual_conv=not matched,
+            out_projection=not matched,
         )
     model.multilabel = True
     return model
@@ -107,16 +110,18 @@ def mil_case(
     in_dim: int = 1024,
     hidden: int = 256,
     tokens: dict[str, int] | None = None,
+    matched: bool = True,
     seed: int = 0,
 ) -> tuple[Step, Step | None, dict]:
     """One bag of ``n`` instances ``(1, n, in_dim)``, label 1; Adam on both sides.
 
     ABMIL / DSMIL embed to ``hidden``; TransMIL uses ``tokens`` (``dim``, ``heads``, ``landmarks``; default
-    the reference's 512, 8, 256)."""
+    the reference's 512, 8, 256) and, with ``matched=False``, keeps the reference's output projection and
+    value convolution that torchmil omits."""
     tokens = tokens or {"dim": 512, "heads": 8, "landmarks": 256}
     torch.manual_seed(seed)
     bag, target = torch.randn(1, n, in_dim), torch.ones(1)
-    ours = _ours_mil(name, in_dim, hidden, tokens).train()
+    ours = _ours_mil(name, in_dim, hidden, tokens, matched).train()
     opt = torch.optim.Adam(ours.parameters(), lr=1e-4)
 
     def ours_step() -> None:
