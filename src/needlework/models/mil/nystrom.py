@@ -112,7 +112,9 @@ class NystromAttention(nn.Module):
         attn1 = (q @ k_land.transpose(-1, -2)).softmax(dim=-1)  # (B, h, T, m)
         attn2_inv = iterative_pinv((q_land @ k_land.transpose(-1, -2)).softmax(dim=-1), self.pinv_iterations)
         attn3 = (q_land @ k.transpose(-1, -2)).softmax(dim=-1)  # (B, h, m, T)
-        out = (attn1 @ attn2_inv) @ (attn3 @ v)
+        # right to left: (T×m)(m×m)(m×T)(T×d) costs O(T·m·d + m²·d) instead of the O(T·m²) of forming
+        # attn1 @ attn2_inv first (the same product; ~2× fewer FLOPs at m = 256, d = 64)
+        out = attn1 @ (attn2_inv @ (attn3 @ v))
         if self.value_conv is not None:
             out = out + self.value_conv(v)
         out = self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
