@@ -81,3 +81,19 @@ def test_transmil_without_projection_and_residual_conv():
     assert lean(torch.randn(1, 5, 8))["logits"].shape == (1, 2)
     with pytest.raises(ValueError, match="out_projection=False needs heads"):
         NystromAttention(16, heads=2, dim_head=4, out_projection=False)
+
+
+def test_ppeg_single_convolution_equals_the_three_convolutions_and_identity():
+    torch.manual_seed(4)
+    model = needlework.create_model("transmil", in_dim=8, num_classes=2, dim=16, heads=2)
+    ppeg = model.ppeg
+    tokens = torch.randn(2, 12, 16)
+    canvas = torch.nn.functional.pad(tokens, (0, 0, 0, 4)).transpose(1, 2).reshape(2, 16, 4, 4)
+    ref = canvas + sum(conv(canvas) for conv in ppeg.convs)  # the reference's definition
+    ref = ref.flatten(2)[:, :, :12].transpose(1, 2)
+    out = ppeg(tokens, None, (4, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    weights = [conv.weight for conv in ppeg.convs] + [conv.bias for conv in ppeg.convs]
+    for a, b in zip(torch.autograd.grad(out, weights, g), torch.autograd.grad(ref, weights, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

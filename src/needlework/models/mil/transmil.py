@@ -76,11 +76,29 @@ class TransLayer(nn.Module):
 
 
 class PPEG(nn.Module):
-    """Pyramid position encoding: ``x + DWConv7(x) + DWConv5(x) + DWConv3(x)`` on a 2-D token grid."""
+    """Pyramid position encoding: ``x + DWConv7(x) + DWConv5(x) + DWConv3(x)`` on a 2-D token grid.
+
+    The three depthwise convolutions and the identity are one linear map, so they run as a single 7×7
+    depthwise convolution whose kernel is their sum (smaller kernels zero-padded, identity = a centre 1):
+    the same result to float rounding, in about a third of the time of three convolutions (their inputs
+    are copied per convolution, and the 7×7 dominates anyway). Gradients reach the three kernels through
+    the sum.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+
+    def kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The combined depthwise kernel ``(dim, 1, 7, 7)`` and bias ``(dim,)``."""
+        weight = sum(F.pad(conv.weight, [(7 - conv.kernel_size[0]) // 2] * 4) for conv in self.convs)
+        identity = torch.zeros(7, 7, dtype=weight.dtype, device=weight.device)
+        identity[3, 3] = 1.0
+        return weight + identity, sum(conv.bias for conv in self.convs)
+
+    def _encode(self, canvas: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.kernel()
+        return F.conv2d(canvas, weight, bias, padding=3, groups=canvas.shape[1])
 
     def forward(
         self, tokens: torch.Tensor, cells: torch.Tensor | None, grid: tuple[int, int]
@@ -91,14 +109,12 @@ class PPEG(nn.Module):
         h, w = grid
         if cells is None:  # one token per cell, in order: pad and slice instead of scatter and gather
             canvas = F.pad(tokens, (0, 0, 0, h * w - n)).transpose(1, 2).reshape(g, dim, h, w)
-            encoded = canvas + sum(conv(canvas) for conv in self.convs)
-            return encoded.flatten(2)[:, :, :n].transpose(1, 2)
+            return self._encode(canvas).flatten(2)[:, :, :n].transpose(1, 2)
         idx = cells[..., None].expand(-1, -1, dim)
         canvas = tokens.new_zeros(g, h * w, dim).scatter_add(1, idx, tokens)
         count = tokens.new_zeros(g, h * w, 1).scatter_add(1, cells[..., None], tokens.new_ones(g, n, 1))
         canvas = (canvas / count.clamp(min=1)).transpose(1, 2).reshape(g, dim, h, w)
-        encoded = canvas + sum(conv(canvas) for conv in self.convs)
-        return torch.gather(encoded.flatten(2).transpose(1, 2), 1, idx)
+        return torch.gather(self._encode(canvas).flatten(2).transpose(1, 2), 1, idx)
 
 
 class TransMIL(MILModel):
