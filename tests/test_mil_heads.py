@@ -51,7 +51,7 @@ def test_transmil_coords_layout_uses_positions_not_order():
     with torch.no_grad():
         out = model(bag, coords)
     assert out["logits"].shape == (1, 3)
-    cells, grid = model._grid(coords, 6, 1, torch.device("cpu"))
+    cells, grid = model._grid(coords, 6)
     xy = (coords[0] - coords[0].min(0).values) // 256
     assert torch.equal(cells[0], xy[:, 1] * grid[1] + xy[:, 0])
     with pytest.raises(ValueError, match="coord_stride"):

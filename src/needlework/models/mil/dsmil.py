@@ -90,9 +90,10 @@ class DSMIL(MILModel):
         max_logits, critical = masked_max(c, mask)  # (B, C), (B, C)
         q = self.query(h)  # (B, N, q)
         q_crit = torch.gather(q, 1, critical[..., None].expand(-1, -1, q.shape[-1]))  # (B, C, q)
-        scores = torch.einsum("bnq,bcq->bcn", q, q_crit) * self.scale
+        # bmm rather than einsum: contiguous gradients w.r.t. q and h, which autograd accumulates in place
+        scores = torch.bmm(q, q_crit.transpose(1, 2)).transpose(1, 2) * self.scale  # (B, C, N)
         attention = masked_softmax(scores, mask)  # (B, C, N)
-        class_embeddings = torch.einsum("bcn,bnl->bcl", attention, self.value(h))  # (B, C, L)
+        class_embeddings = torch.bmm(attention, self.value(h))  # (B, C, L)
         logits = self.bag_classifier(class_embeddings).squeeze(-1)  # (B, C)
         return {
             "logits": logits,

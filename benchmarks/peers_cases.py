@@ -1,0 +1,229 @@
+"""The cases timed by ``benchmarks/peers.py``: needlework and a peer at matched configurations.
+
+Each builder returns ``(ours_step, peer_step, info)``: two zero-argument callables running one training step
+(MIL: forward + loss + backward + Adam step) or one forward + backward (sparse convolution), and a dict of
+parameter counts and correctness checks made before any timing. ``peer_step`` is None, and ``info["skipped"]``
+says why, when the peer is not importable; our side is timed regardless.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import needlework
+from needlework.ops.sparse_conv import dense_submanifold_conv2d, neighbor_table, submanifold_conv2d
+
+Step = Callable[[], None]
+
+
+def peer_version(dist: str) -> str | None:
+    """Installed version of distribution ``dist``, None when absent."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def try_import(module: str) -> tuple[Any, str | None]:
+    """``(module, None)`` or ``(None, reason)`` — a missing peer is skipped with a message, never an error."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as err:  # ImportError, or a peer whose own import fails (missing compiled library)
+        return None, f"{module} not importable ({type(err).__name__}: {err}); pip install 'needlework[bench]'"
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- MIL ---------------------------------------------------------------------------------------------------
+def _ours_mil(name: str, in_dim: int, hidden: int, tokens: dict[str, int], matched: bool) -> nn.Module:
+    """Our model with one logit and BCE (torchmil's binary setting)."""
+    if name == "abmil":
+        model = needlework.create_model(
+            "abmil", in_dim=in_dim, num_classes=1, embed_dim=hidden, attention_dim=128
+        )
+    elif name == "dsmil":
+        model = needlework.create_model(
+            "dsmil", in_dim=in_dim, num_classes=1, embed_dim=hidden, query_dim=128, value_transform=False
+        )
+    else:  # TransMIL; no dropout on either side
+        model = needlework.create_model(
+            "transmil",
+            in_dim=in_dim,
+            num_classes=1,
+            dim=tokens["dim"],
+            heads=tokens["heads"],
+            num_landmarks=tokens["landmarks"],
+            dropout=0.0,
+            # matched: without the output projection and value convolution torchmil's layer omits
+            residual_conv=not matched,
+            out_projection=not matched,
+        )
+    model.multilabel = True
+    return model
+
+
+def _peer_mil(tm: Any, name: str, in_dim: int, hidden: int, tokens: dict[str, int]) -> nn.Module:
+    embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
+    if name == "abmil":
+        return tm.models.ABMIL(in_shape=(in_dim,), att_dim=128, feat_ext=embed)
+    if name == "dsmil":
+        return tm.models.DSMIL(in_shape=(in_dim,), att_dim=128, feat_ext=embed)
+    return tm.models.TransMIL(
+        in_shape=(in_dim,),
+        att_dim=tokens["dim"],
+        n_heads=tokens["heads"],
+        n_landmarks=tokens["landmarks"],
+        dropout=0.0,
+    )
+
+
+def _copy_weights(name: str, ours: nn.Module, peer: nn.Module) -> bool:
+    """Give the peer our weights where the architectures coincide (ABMIL, DSMIL); False for TransMIL."""
+    with torch.no_grad():
+        if name == "abmil":
+            peer.feat_ext[0].load_state_dict(ours.embed[0].state_dict())
+            peer.pool.fc1.module.load_state_dict(ours.attention.tanh_branch[0].state_dict())
+            peer.pool.fc2.weight.copy_(ours.attention.score.weight)  # its bias shifts every score: no effect
+            peer.classifier.module.load_state_dict(ours.classifier.state_dict())  # LazyLinear wraps .module
+            return True
+        if name == "dsmil":
+            peer.feat_ext[0].load_state_dict(ours.embed[0].state_dict())
+            peer.q_nn.load_state_dict(ours.query.state_dict())
+            peer.inst_classifier.load_state_dict(ours.instance_classifier.state_dict())
+            peer.bag_classifier.weight.copy_(ours.bag_classifier.weight.view(1, -1))
+            peer.bag_classifier.bias.copy_(ours.bag_classifier.bias)
+            return True
+    return False
+
+
+def mil_case(
+    name: str,
+    n: int,
+    in_dim: int = 1024,
+    hidden: int = 256,
+    tokens: dict[str, int] | None = None,
+    matched: bool = True,
+    seed: int = 0,
+) -> tuple[Step, Step | None, dict]:
+    """One bag of ``n`` instances ``(1, n, in_dim)``, label 1; Adam on both sides.
+
+    ABMIL / DSMIL embed to ``hidden``; TransMIL uses ``tokens`` (``dim``, ``heads``, ``landmarks``; default
+    the reference's 512, 8, 256) and, with ``matched=False``, keeps the reference's output projection and
+    value convolution that torchmil omits."""
+    tokens = tokens or {"dim": 512, "heads": 8, "landmarks": 256}
+    torch.manual_seed(seed)
+    bag, target = torch.randn(1, n, in_dim), torch.ones(1)
+    ours = _ours_mil(name, in_dim, hidden, tokens, matched).train()
+    opt = torch.optim.Adam(ours.parameters(), lr=1e-4)
+
+    def ours_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = ours.compute_loss(ours(bag), target[:, None])
+        loss.backward()
+        opt.step()
+
+    info: dict[str, Any] = {"params_ours": n_params(ours)}
+    tm, reason = try_import("torchmil.models")
+    if tm is None:
+        info["skipped"] = reason
+        return ours_step, None, info
+    tm = importlib.import_module("torchmil")
+    peer = _peer_mil(tm, name, in_dim, hidden, tokens).train()
+    info["params_peer"] = n_params(peer)
+    if _copy_weights(name, ours, peer):
+        with torch.no_grad():
+            a = ours.eval()(bag)["logits"].flatten()
+            b = peer.eval()(bag).flatten()
+        info["logit_max_abs_diff"] = float((a - b).abs().max())
+        ours.train(), peer.train()
+    peer_opt = torch.optim.Adam(peer.parameters(), lr=1e-4)
+
+    def peer_step() -> None:
+        peer_opt.zero_grad(set_to_none=True)
+        _, losses = peer.compute_loss(target, bag)
+        sum(losses.values()).backward()
+        peer_opt.step()
+
+    return ours_step, peer_step, info
+
+
+# -- sparse convolution ------------------------------------------------------------------------------------
+def sparse_sites(layout: str, n_sites: int, side: int, seed: int = 0) -> torch.Tensor:
+    """``(S, 3)`` ``(b, y, x)`` sites on one ``side × side`` map: ``scattered`` (uniform without replacement)
+    or ``compact`` (the first ``n_sites`` cells of a square block, row-major)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "scattered":
+        flat = torch.randperm(side * side, generator=g)[:n_sites]
+        y, x = flat // side, flat % side
+    else:
+        block = int(n_sites**0.5) + 1
+        flat = torch.arange(n_sites)
+        y, x = flat // block + (side - block) // 2, flat % block + (side - block) // 2
+    return torch.stack([torch.zeros_like(y), y, x], dim=1)
+
+
+def sparse_case(
+    layout: str,
+    channels: int,
+    n_sites: int = 20_000,
+    side: int = 512,
+    reuse_table: bool = False,
+    seed: int = 0,
+) -> tuple[Step, Step | None, dict]:
+    """One 3×3 submanifold conv ``C → C``, forward + backward to features and weight.
+
+    ``reuse_table=False`` times building the neighbour table (ours) / rulebook (spconv) inside every step;
+    ``True`` builds it once, as a network with several layers on one site set does.
+    """
+    torch.manual_seed(seed)
+    sites = sparse_sites(layout, n_sites, side, seed)
+    feats = torch.randn(len(sites), channels, requires_grad=True)
+    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    weight, bias = conv.weight, conv.bias
+    grad_out = torch.randn(len(sites), channels)
+    table = neighbor_table(sites, 3)
+
+    def ours_step() -> None:
+        nbr = table if reuse_table else neighbor_table(sites, 3)
+        out = submanifold_conv2d(feats, nbr, weight, bias)
+        out.backward(grad_out)
+
+    info: dict[str, Any] = {"sites": len(sites)}
+    ref = dense_submanifold_conv2d(feats.detach(), sites, weight.detach(), bias.detach())
+    with torch.no_grad():
+        ours_out = submanifold_conv2d(feats, table, weight, bias)
+    info["ours_vs_dense_max_abs_diff"] = float((ours_out - ref).abs().max())
+    sp, reason = try_import("spconv.pytorch")
+    if sp is None:
+        info["skipped"] = reason
+        return ours_step, None, info
+    from needlework.ops.spconv_backend import import_spconv
+
+    sp = import_spconv()  # patched for CPU backward (ENVIRONMENT.md §5.1)
+    layer = sp.SubMConv2d(channels, channels, 3, padding=1, bias=True, indice_key="subm")
+    with torch.no_grad():
+        layer.weight.copy_(weight.permute(0, 2, 3, 1))  # spconv: (C_out, kh, kw, C_in)
+        layer.bias.copy_(bias)
+    indices = sites.int().contiguous()
+    base = sp.SparseConvTensor(feats, indices, [side, side], 1)
+    with torch.no_grad():
+        peer_out = layer(base).features  # also leaves the rulebook in base.indice_dict
+    info["spconv_vs_dense_max_abs_diff"] = float((peer_out - ref).abs().max())
+
+    def peer_step() -> None:
+        x = (
+            base.replace_feature(feats)
+            if reuse_table
+            else sp.SparseConvTensor(feats, indices, [side, side], 1)
+        )
+        layer(x).features.backward(grad_out)
+
+    return ours_step, peer_step, info
