@@ -146,11 +146,11 @@ def test_pixel_heatmap_errors_are_clear(fitted, tmp_path, capsys):
         return rc, capsys.readouterr().err
 
     rc, err = run("--checkpoint", str(tmp_path / "nope.ckpt"))
-    assert rc == 1 and "error: --checkpoint" in err and "nope.ckpt: no such file" in err
+    assert rc == 2 and "error: --checkpoint" in err and "nope.ckpt: no such file" in err
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     rc, err = run("--checkpoint", str(junk))
-    assert rc == 1 and "error:" in err and "not a PyTorch checkpoint" in err
+    assert rc == 2 and "error:" in err and "not a PyTorch checkpoint" in err
     # a feature model, saved as `needlework fit` saves one (model + datamodule hyper-parameters)
     abmil = needlework.create_model("abmil", in_dim=8, num_classes=2)
     feat = tmp_path / "abmil.ckpt"
@@ -163,7 +163,7 @@ def test_pixel_heatmap_errors_are_clear(fitted, tmp_path, capsys):
         feat,
     )
     rc, err = run("--checkpoint", str(feat))
-    assert rc == 1 and "error:" in err and "'slide_bags'" in err and "--features" in err
+    assert rc == 2 and "error:" in err and "'slide_bags'" in err and "--features" in err
     rc, err = run("--checkpoint", str(fitted["checkpoint"]), "--features", str(tmp_path))
-    assert rc == 1 and "error:" in err and "drop --features" in err
+    assert rc == 2 and "error:" in err and "drop --features" in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
