@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from needlework.errors import ConfigError
 from needlework.models.encoders import ColorStats
 from needlework.slides.synthetic import SyntheticSlideSpec, make_synthetic_cohort, render_synthetic_slide
 from needlework.slides.synthetic_shapes import dilate, rasterise
@@ -69,7 +70,7 @@ def test_texture_mode_is_deterministic_and_keeps_the_colour_mode_unchanged():
 
 def test_too_small_slide_for_texture_lesions_is_a_clear_error():
     spec = SyntheticSlideSpec(width=96, height=96, seed=0, n_lesions=1, lesion_type="texture")
-    with pytest.raises(RuntimeError, match="larger slide or fewer lesions"):
+    with pytest.raises(ConfigError, match="larger slide or fewer lesions"):
         render_synthetic_slide(spec)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from needlework.errors import ConfigError
 from needlework.slides.synthetic_shapes import dilate, ellipse_ring, rasterise
 
 __all__ = [
@@ -133,7 +134,7 @@ def render_texture_slide(
     per_lesion = spec.max_lesion_fraction * float(tissue.sum()) / max(spec.n_lesions, 1)
     smallest = LESION_RADIUS_SCALE * spec.nucleus_radius  # a cluster holds at least one big nucleus
     if spec.n_lesions and np.sqrt(per_lesion / np.pi) < smallest:
-        raise RuntimeError(
+        raise ConfigError(
             f"slide {spec.width}x{spec.height} (seed {spec.seed}): {spec.n_lesions} texture lesion(s) within "
             f"{spec.max_lesion_fraction:.4%} of its {int(tissue.sum())} tissue pixels would be smaller than "
             f"one enlarged nucleus (radius {smallest:.1f} px); use a larger slide or fewer lesions"
