@@ -94,8 +94,9 @@ def _cached(done: Path, key: dict[str, Any], make: Any) -> dict[str, Any]:
     return value
 
 
-def prepare(spec: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Cohort, folds, tilings and features (cached); returns paths and the seconds of every stage."""
+def prepare(spec: dict[str, Any], root: Path, mags: list[int] | None = None) -> dict[str, Any]:
+    """Cohort, folds, tilings and features at ``mags`` (default: all of ``spec["mags"]``), cached; returns
+    paths and the seconds of every stage."""
     cohort, job, log = root / "cohort", root / "job", root / "prepare.log"
 
     def make_cohort() -> dict[str, Any]:
@@ -141,7 +142,7 @@ def prepare(spec: dict[str, Any], root: Path) -> dict[str, Any]:
 
     out = _cached(root / "DONE_cohort.json", spec, make_cohort)
     stages: dict[str, Any] = {}
-    for mag in spec["mags"]:
+    for mag in mags or spec["mags"]:
         name = f"{mag}x_{spec['patch_size']}px_0px_overlap"
 
         def make_features(mag: int = mag, name: str = name) -> dict[str, Any]:
@@ -481,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     root = (args.cache_dir or cache_dir() / "bench_side_by_side") / key
     root.mkdir(parents=True, exist_ok=True)
-    prep = prepare(spec, root)
+    # the lower magnifications only for ZoomMIL
+    prep = prepare(spec, root, None if "zoommil" in args.methods else spec["mags"][-1:])
     settings = {"spec": spec, "minutes": args.minutes}
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     rows = [r for r in old.get("rows", []) if old.get("settings") == settings and not args.force]
