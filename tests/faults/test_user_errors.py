@@ -74,12 +74,16 @@ def test_wrong_paths_and_csvs_are_one_error_line_with_status_2(small_cohort, tmp
           "--scores", str(tmp_path)], ["slides not found", str(tmp_path / "nope")]),
         (["slides", "heatmap", "--slides", str(small_cohort["slides_dir"]), "--out_dir", str(tmp_path / "h"),
           "--scores", str(tmp_path / "none.h5")], ["--scores not found", "none.h5"]),
+        (["slides", "synth", "--out_dir", str(tmp_path / "c"), "--n_slides", "1", "--width", "512",
+          "--height", "512", "--lesion_type", "texture", "--positive_fraction", "1"],
+         ["texture lesion(s)", "smaller than one enlarged nucleus", "larger slide or fewer lesions"]),
     ]  # fmt: skip
     for argv, needles in cases:
         assert main(argv) == 2, argv
         line = _one_error_line(capsys.readouterr().err)
         assert all(n in line for n in needles), (line, needles)
     assert not (tmp_path / "j").exists() and not (tmp_path / "s").exists() and not (tmp_path / "h").exists()
+    assert not list((tmp_path / "c").rglob("*.tif"))  # no slide of the refused cohort
 
 
 def test_slide_bag_dataset_errors_are_user_errors(tmp_path):
