@@ -15,7 +15,7 @@ from needlework.ops.sparse_conv import (
     neighbor_table,
     submanifold_conv2d,
 )
-from test_mil_sparse_conv import random_sites
+from test_mil_sparse_conv import naive_neighbors, random_sites
 
 
 def brute_pairs(sites: torch.Tensor, k: int, dilation: int) -> dict[int, set[tuple[int, int]]]:
@@ -170,3 +170,15 @@ def test_sparseconvmil_builds_one_rulebook_and_matches_im2col(method, monkeypatc
         torch.testing.assert_close(model(bag, coords)["logits"], ref(bag, coords)["logits"])
     assert len(calls) == (1 if method == "rulebook" else 0)  # once per batch, shared by both layers
     assert isinstance(real(neighbor_table(torch.tensor([[0, 0, 0]]), 3)), Rulebook)
+
+
+@pytest.mark.parametrize("spread", [1, 400])  # dense key map (small padded map) and sorted keys (huge map)
+def test_neighbor_table_both_lookups_match_naive(spread):
+    g = torch.Generator().manual_seed(6)
+    sites = random_sites(2, 9, 13, 60, g)
+    sites[:, 1:] *= spread  # × 400: a ~3600 × 4800 map per bag, far above the dense-map limit
+    for k, dilation in ((3, 1), (5, 2)):
+        table = neighbor_table(sites, k, dilation * spread)
+        torch.testing.assert_close(table, naive_neighbors(sites, k, dilation * spread))
+    with pytest.raises(ValueError, match="unique"):
+        neighbor_table(torch.cat([sites, sites[:1]]), 3)
