@@ -114,9 +114,14 @@ def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
         ours, peer, info = mil_case(case["model"], case["bag_size"], **kw)
     else:
         ours, peer, info = sparse_case(**kw)
+    extra = info.pop("extra_steps", {})
     ours_t, peer_t = time_pair(ours, peer, reps, warmup)
     row = {**case, **info, "peer_version": peer_version(case["peer"]), "ours": ours_t, "peer_time": peer_t}
     row["ratio"] = peer_t["median_s"] / ours_t["median_s"] if peer_t else None
+    for name, step in extra.items():  # our other paths, timed against the same peer, ABBA again
+        alt_t, alt_peer_t = time_pair(step, peer, reps, warmup)
+        row[f"ours_{name}"] = alt_t
+        row[f"ratio_{name}"] = alt_peer_t["median_s"] / alt_t["median_s"] if alt_peer_t else None
     return row
 
 
@@ -148,6 +153,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
         else:
             check = f"vs dense Δ {r['ours_vs_dense_max_abs_diff']:.1e}"
+            if "ours_im2col" in r:
+                alt = f"{r['ratio_im2col']:.2f}×" if r.get("ratio_im2col") is not None else "—"
+                check = f"{r.get('method', '?')}; im2col {fmt(r['ours_im2col'])} ms, ratio {alt}; " + check
             if "spconv_vs_dense_max_abs_diff" in r:
                 check += f", spconv Δ {r['spconv_vs_dense_max_abs_diff']:.1e}"
         peer = f"{r['peer']} {r['peer_version'] or '(absent)'}"
@@ -168,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats: a smoke test in seconds")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side (default 9; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per side before timing")
-    p.add_argument("--suite", choices=("all", "mil", "sparse_conv"), default="all")
+    p.add_argument(
+        "--suite",
+        choices=("all", "mil", "sparse_conv"),
+        default="all",
+        help="run one suite only; its rows replace that suite's rows in --out, the others are kept",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 9)
@@ -189,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    run_meta = {
+        "quick": args.quick,
+        "reps": reps,
+        "warmup": args.warmup,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     data = {
         "benchmark": "peers",
         "quick": args.quick,
@@ -201,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "rows": rows,
     }
+    if args.suite != "all" and args.out.exists():  # keep the other suites' rows of the previous run
+        old = json.loads(args.out.read_text())
+        kept = [r for r in old.get("rows", []) if r.get("suite") != args.suite]
+        data = {**old, "rows": kept + rows}
+        data.setdefault("runs", {})[args.suite] = dict(run_meta)
     write_json(args.out, data)
     print(markdown(rows))
     return 0

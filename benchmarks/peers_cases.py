@@ -2,8 +2,10 @@
 
 Each builder returns ``(ours_step, peer_step, info)``: two zero-argument callables running one training step
 (MIL: forward + loss + backward + Adam step) or one forward + backward (sparse convolution), and a dict of
-parameter counts and correctness checks made before any timing. ``peer_step`` is None, and ``info["skipped"]``
-says why, when the peer is not importable; our side is timed regardless.
+parameter counts and correctness checks made before any timing; ``info["extra_steps"]`` (popped by the
+runner) names further variants of our side to time alongside, e.g. the im2col sparse convolution.
+``peer_step`` is None, and ``info["skipped"]`` says why, when the peer is not importable; our side is
+timed regardless.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import torch
 from torch import nn
 
 import needlework
-from needlework.ops.sparse_conv import dense_submanifold_conv2d, neighbor_table, submanifold_conv2d
+from needlework.ops.rulebook import rulebook
+from needlework.ops.sparse_conv import (
+    choose_method,
+    dense_submanifold_conv2d,
+    neighbor_table,
+    submanifold_conv2d,
+)
 
 Step = Callable[[], None]
 
@@ -180,8 +188,10 @@ def sparse_case(
 ) -> tuple[Step, Step | None, dict]:
     """One 3×3 submanifold conv ``C → C``, forward + backward to features and weight.
 
-    ``reuse_table=False`` times building the neighbour table (ours) / rulebook (spconv) inside every step;
-    ``True`` builds it once, as a network with several layers on one site set does.
+    ``reuse_table=False`` times building the neighbour table and rulebook (ours) / rulebook (spconv)
+    inside every step; ``True`` builds it once, as a network with several layers on one site set does.
+    Our side takes ``method="auto"`` (:func:`~needlework.ops.sparse_conv.choose_method`); the im2col path is
+    timed as ``extra_steps["im2col"]`` (building only the table per step) so the rulebook's gain shows.
     """
     torch.manual_seed(seed)
     sites = sparse_sites(layout, n_sites, side, seed)
@@ -190,17 +200,26 @@ def sparse_case(
     weight, bias = conv.weight, conv.bias
     grad_out = torch.randn(len(sites), channels)
     table = neighbor_table(sites, 3)
+    book = rulebook(table)
 
     def ours_step() -> None:
-        nbr = table if reuse_table else neighbor_table(sites, 3)
+        nbr = book if reuse_table else rulebook(neighbor_table(sites, 3))
         out = submanifold_conv2d(feats, nbr, weight, bias)
         out.backward(grad_out)
 
-    info: dict[str, Any] = {"sites": len(sites)}
+    def im2col_step() -> None:
+        nbr = table if reuse_table else neighbor_table(sites, 3)
+        submanifold_conv2d(feats, nbr, weight, bias, method="im2col").backward(grad_out)
+
+    info: dict[str, Any] = {"sites": len(sites), "extra_steps": {"im2col": im2col_step}}
+    info["neighbor_fraction"] = book.fraction
+    info["method"] = choose_method(book.fraction, len(sites), channels)
     ref = dense_submanifold_conv2d(feats.detach(), sites, weight.detach(), bias.detach())
     with torch.no_grad():
-        ours_out = submanifold_conv2d(feats, table, weight, bias)
+        ours_out = submanifold_conv2d(feats, book, weight, bias)
+        im2col_out = submanifold_conv2d(feats, table, weight, bias, method="im2col")
     info["ours_vs_dense_max_abs_diff"] = float((ours_out - ref).abs().max())
+    info["im2col_vs_dense_max_abs_diff"] = float((im2col_out - ref).abs().max())
     sp, reason = try_import("spconv.pytorch")
     if sp is None:
         info["skipped"] = reason

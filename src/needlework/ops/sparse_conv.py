@@ -1,11 +1,14 @@
-"""Submanifold sparse 2-D convolution in plain PyTorch: neighbour table + gather + matmul.
+"""Submanifold sparse 2-D convolution in plain PyTorch: neighbour table, then im2col or a rulebook.
 
 Active sites are integer ``(b, y, x)`` rows (bag index, row, column) with features ``(S, C_in)``. A
 submanifold convolution produces outputs only at the active sites and reads only active neighbours
 (inactive sites count as zeros): ``out_s = b + Σ_o W_o · F[nbr(s, o)]`` over the ``k²`` kernel offsets
 ``o = (dy, dx)`` in row-major order (METHODS.md §9.2). The neighbour table is built once per site set with
-sorted linear keys and ``searchsorted`` and shared by every layer on that set. Everything is ordinary
-autograd on gathers and matmuls, so results are exact and deterministic on any number of threads.
+linear keys (a dense key → row map when the padded map is small, else sorted keys and
+``searchsorted``) and shared by every layer on that set. Two exact, deterministic
+paths compute the same sum: **im2col** (gather all ``k²`` neighbour rows, missing ones as zeros, one GEMM)
+and the **rulebook** (:mod:`needlework.ops.rulebook`: per offset only the pairs that exist,
+gather–GEMM–scatter). ``method="auto"`` picks by the measured rule of :func:`choose_method`.
 
 The weight layout is ``nn.Conv2d``'s ``(C_out, C_in, k, k)``: a dense masked ``conv2d`` with the same
 weight is the reference (see :func:`dense_submanifold_conv2d`).
@@ -19,6 +22,11 @@ Example:
     >>> conv = SubmanifoldConv2d(8, 16, kernel_size=3)
     >>> conv(torch.randn(4, 8), nbr).shape
     torch.Size([4, 16])
+    >>> book = rulebook(nbr)  # build once per site set, pass to every layer
+    >>> book.counts  # pairs per offset (the centre, offset 4, is handled as one dense GEMM)
+    (0, 0, 0, 1, 0, 1, 0, 0, 0)
+    >>> conv(torch.randn(4, 8), book).shape
+    torch.Size([4, 16])
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from needlework.checks import check_shape
+from needlework.ops.rulebook import Rulebook, rulebook, rulebook_conv2d
 
 BACKENDS = ("torch", "spconv")
+METHODS = ("auto", "rulebook", "im2col")
 
 
 def _check_sites(sites: torch.Tensor) -> None:
@@ -71,39 +81,78 @@ def neighbor_table(sites: torch.Tensor, kernel_size: int = 3, dilation: int = 1)
         return (b * h + y + r) * w + x + r
 
     keys = key(sites[:, 0], sites[:, 1], sites[:, 2])
+    query = key(sites[:, :1], sites[:, 1:2] + dy.flatten(), sites[:, 2:3] + dx.flatten())  # (S, k²)
+    cells = (int(sites[:, 0].max()) + 1) * h * w
+    if cells <= max(16 * s * kernel_size**2, 1 << 20):
+        # small padded map: a dense key → row index is a plain gather, no sort or binary search
+        # (20,000 sites on 512²: 2 MB, several times faster than searchsorted)
+        grid = torch.full((cells,), s, dtype=torch.long, device=sites.device)
+        rows = torch.arange(s, device=sites.device)
+        grid[keys] = rows
+        if bool((grid[keys] != rows).any()):
+            raise ValueError("sites must be unique; average the features of duplicate sites first")
+        return grid[query]
     sorted_keys, perm = keys.sort()
     if s > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("sites must be unique; average the features of duplicate sites first")
-    query = key(sites[:, :1], sites[:, 1:2] + dy.flatten(), sites[:, 2:3] + dx.flatten())  # (S, k²)
     pos = torch.searchsorted(sorted_keys, query).clamp(max=s - 1)
     found = sorted_keys[pos] == query
     return torch.where(found, perm[pos], torch.full_like(pos, s))
 
 
+def choose_method(fraction: float, n_sites: int, c_in: int) -> str:
+    """``"rulebook"`` or ``"im2col"`` for a site set whose table has ``fraction`` real neighbours.
+
+    Measured on one CPU thread (3×3, forward + backward; ``benchmarks/peers.py`` sizes and smaller): the
+    rulebook does ``fraction·k²`` rows of work against im2col's ``k²``, but in ``k²`` small GEMMs with
+    gathers and scatters around them. It wins on sparse tables unless the whole problem is tiny (Python
+    overhead per offset), and on full tables once the GEMMs are large (``C_in ≥ 64`` or ``S·C_in ≥ 2¹⁹``:
+    20,000 compact sites, C = 32: 26 vs 32 ms; C = 128: 310 vs 341 ms); im2col keeps small-``C`` full
+    tables (20,000 compact sites, C = 8: 10.5 vs 13.6 ms).
+    """
+    work = n_sites * c_in
+    if (fraction <= 0.6 and work >= 2**14) or c_in >= 64 or work >= 2**19:
+        return "rulebook"
+    return "im2col"
+
+
 def submanifold_conv2d(
     features: torch.Tensor,
-    neighbors: torch.Tensor,
+    neighbors: torch.Tensor | Rulebook,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Submanifold convolution of site features by gather + matmul.
+    """Submanifold convolution of site features.
 
     Args:
         features: ``(S, C_in)``.
-        neighbors: ``(S, k²)`` from :func:`neighbor_table` (``S`` = missing).
+        neighbors: ``(S, k²)`` table from :func:`neighbor_table` (``S`` = missing), or its
+            :class:`~needlework.ops.rulebook.Rulebook` (build it once per site set: a bare table that
+            takes the rulebook path has its rulebook rebuilt in every call).
         weight: ``(C_out, C_in, k, k)`` (``nn.Conv2d`` layout).
         bias: ``(C_out,)`` or None.
+        method: ``"auto"`` (:func:`choose_method`), ``"rulebook"`` or ``"im2col"``.
 
     Returns:
         ``(S, C_out)``.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    book = neighbors if isinstance(neighbors, Rulebook) else None
+    table = book.neighbors if book is not None else neighbors
     s, c_in = check_shape(features, ["S", "C_in"], "features").values()
     sizes = check_shape(weight, ["C_out", str(c_in), "k", "k"], "weight")
     c_out, k = sizes["C_out"], sizes["k"]
-    check_shape(neighbors, [str(s), str(k * k)], "neighbors")
+    check_shape(table, [str(s), str(k * k)], "neighbors")
+    if method == "auto":
+        fraction = book.fraction if book is not None else float((table < s).sum()) / max(table.numel(), 1)
+        method = choose_method(fraction, s, c_in)
+    if method == "rulebook":
+        return rulebook_conv2d(features, book if book is not None else rulebook(table), weight, bias)
     padded = torch.cat([features, features.new_zeros(1, c_in)])
     w = weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)  # offset-major, matching the table
-    out = padded[neighbors].reshape(s, k * k * c_in) @ w
+    out = padded[table].reshape(s, k * k * c_in) @ w
     return out if bias is None else out + bias
 
 
@@ -144,6 +193,7 @@ class SubmanifoldConv2d(nn.Module):
         bias: learnable bias.
         backend: ``"torch"`` (default; gather + matmul) or ``"spconv"`` (optional, see
             :mod:`needlework.ops.spconv_backend`; needs ``sites``/``batch_size`` in :meth:`forward`).
+        method: torch backend path, ``"auto"``, ``"rulebook"`` or ``"im2col"`` (:func:`submanifold_conv2d`).
     """
 
     def __init__(
@@ -154,11 +204,14 @@ class SubmanifoldConv2d(nn.Module):
         dilation: int = 1,
         bias: bool = True,
         backend: str = "torch",
+        method: str = "auto",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.kernel_size, self.dilation, self.backend = kernel_size, dilation, backend
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.kernel_size, self.dilation, self.backend, self.method = kernel_size, dilation, backend, method
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's initialisation
@@ -169,12 +222,13 @@ class SubmanifoldConv2d(nn.Module):
     def forward(
         self,
         features: torch.Tensor,
-        neighbors: torch.Tensor | None = None,
+        neighbors: torch.Tensor | Rulebook | None = None,
         sites: torch.Tensor | None = None,
         batch_size: int | None = None,
     ) -> torch.Tensor:
-        """``features`` ``(S, C_in)`` → ``(S, C_out)``; the torch backend needs ``neighbors``, spconv
-        needs ``sites`` ``(S, 3)`` and ``batch_size``."""
+        """``features`` ``(S, C_in)`` → ``(S, C_out)``; the torch backend needs ``neighbors`` (a table or
+        its rulebook; built from ``sites`` when absent), spconv needs ``sites`` ``(S, 3)`` and
+        ``batch_size``."""
         if self.backend == "spconv":
             from needlework.ops.spconv_backend import spconv_submanifold_conv2d
 
@@ -187,8 +241,11 @@ class SubmanifoldConv2d(nn.Module):
             if sites is None:
                 raise ValueError("pass neighbors (from neighbor_table) or sites (S, 3)")
             neighbors = neighbor_table(sites, self.kernel_size, self.dilation)
-        return submanifold_conv2d(features, neighbors, self.weight, self.bias)
+        return submanifold_conv2d(features, neighbors, self.weight, self.bias, self.method)
 
     def extra_repr(self) -> str:
         c_out, c_in, k, _ = self.weight.shape
-        return f"{c_in}, {c_out}, kernel_size={k}, dilation={self.dilation}, backend={self.backend!r}"
+        return (
+            f"{c_in}, {c_out}, kernel_size={k}, dilation={self.dilation}, backend={self.backend!r}, "
+            f"method={self.method!r}"
+        )

@@ -36,7 +36,8 @@ from torch import nn
 
 from needlework.models.mil.common import MaskedStandardize, MILModel, register_mil_model
 from needlework.ops.coord_augment import augment_coords
-from needlework.ops.sparse_conv import SubmanifoldConv2d, neighbor_table, sparse_global_mean
+from needlework.ops.rulebook import rulebook
+from needlework.ops.sparse_conv import SubmanifoldConv2d, choose_method, neighbor_table, sparse_global_mean
 from needlework.ops.sparse_map import coords_to_sites, sample_instances
 
 
@@ -53,6 +54,8 @@ class SparseConvMIL(MILModel):
         classifier_hidden: hidden width of the classifier (32 in the reference).
         dropout: dropout before the classifier.
         backend: ``"torch"`` (gather + matmul) or ``"spconv"``.
+        conv_method: torch backend path, ``"auto"``, ``"rulebook"`` or ``"im2col"``
+            (:func:`needlework.ops.sparse_conv.submanifold_conv2d`).
         augment: apply the coordinate augmentation in training mode.
         rotation: ``"uniform"`` (radians), ``"right_angles"`` or ``"none"``.
         flip: random axis flips.
@@ -81,6 +84,7 @@ class SparseConvMIL(MILModel):
         tiles_per_bag: int | None = None,
         sample_with_replacement: bool = False,
         input_norm: bool = False,
+        conv_method: str = "auto",
     ) -> None:
         super().__init__(in_dim, num_classes)
         if cell_size <= 0:
@@ -92,12 +96,20 @@ class SparseConvMIL(MILModel):
         self.input_norm = MaskedStandardize(in_dim) if input_norm else None
         widths = [in_dim, *channels]
         self.convs = nn.ModuleList(
-            SubmanifoldConv2d(a, b, kernel_size, backend=backend) for a, b in itertools.pairwise(widths)
+            SubmanifoldConv2d(a, b, kernel_size, backend=backend, method=conv_method)
+            for a, b in itertools.pairwise(widths)
         )
         self.classifier = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(widths[-1], classifier_hidden), nn.ReLU(),
             nn.Linear(classifier_hidden, num_classes),
         )
+
+    @staticmethod
+    def _method(conv: SubmanifoldConv2d, table: torch.Tensor) -> str:
+        if conv.method != "auto":
+            return conv.method
+        fraction = float((table < len(table)).sum()) / max(table.numel(), 1)
+        return choose_method(fraction, len(table), conv.weight.shape[1])
 
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -120,7 +132,11 @@ class SparseConvMIL(MILModel):
             )
         smap = coords_to_sites(coords, mask, self.cell_size)
         x = smap.scatter_mean(bag, weights)  # (S, D)
-        nbr = neighbor_table(smap.sites, self.kernel_size) if self.backend == "torch" else None
+        nbr = None
+        if self.backend == "torch":  # one table (and, where a layer takes that path, one rulebook) per batch
+            nbr = neighbor_table(smap.sites, self.kernel_size)
+            if any(self._method(conv, nbr) == "rulebook" for conv in self.convs):
+                nbr = rulebook(nbr)
         for conv in self.convs:
             x = torch.relu(conv(x, nbr, sites=smap.sites, batch_size=smap.batch_size))
         z = sparse_global_mean(x, smap.batch_index, smap.batch_size)
