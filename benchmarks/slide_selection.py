@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection_memory import write_json  # noqa: E402  (shared atomic JSON writer)
-from slide_pyramid import write_slide  # noqa: E402
+from selection_memory import write_json  # the shared atomic JSON writer
+from slide_pyramid import write_slide
 
 METHODS = ("ats", "dps", "ips")
 HERE = Path(__file__).parent
@@ -283,14 +283,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nOne training step on one slide, device {args.device}, {args.threads} thread(s), "
           f"x_low at {args.low_mpp} µm/px")  # fmt: skip
     print(table(rows))
+    skip = ("worker", "cache_dir")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
     result = {
         "benchmark": "slide_selection",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("worker", "cache_dir")},  # fmt: skip
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                        "load_avg_1min": os.getloadavg()[0]},  # fmt: skip
+        "settings": settings,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0],
+        },
         "memory_measure": (
             "CPU: VmHWM after /proc/self/clear_refs reset right before the step (peak_mb), minus VmRSS "
             "before it (increment_mb); max over the timed steps"

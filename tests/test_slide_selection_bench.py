@@ -16,7 +16,6 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import slide_pyramid as sp  # noqa: E402
-
 from needlework.slides.reader import available_readers, open_slide  # noqa: E402
 
 READERS = [r for r, v in available_readers().items() if v is not None]
@@ -66,8 +65,8 @@ def test_main_writes_json_and_figure(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, fig = tmp_path / "r.json", tmp_path / "f.png"
-    slide_selection.main(["--sizes", "1024", "2048", "--repeats", "1", "--device", "cpu",
-                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--figure", str(fig)])  # fmt: skip
+    common = ["--repeats", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    slide_selection.main(["--sizes", "1024", "2048", *common, "--out", str(out), "--figure", str(fig)])
     data = json.loads(out.read_text())
     assert data["benchmark"] == "slide_selection"
     assert {"settings", "environment", "memory_measure", "slides", "rows"} <= set(data)
@@ -83,6 +82,7 @@ def test_main_writes_json_and_figure(tmp_path, monkeypatch):
     assert ips[1]["candidates"] > ips[0]["candidates"] > 0  # more tissue patches on the bigger slide
     assert fig.stat().st_size > 10_000
     # a second run reuses the cached slides
-    slide_selection.main(["--sizes", "1024", "--methods", "ats", "--repeats", "1", "--device", "cpu",
-                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--figure", str(fig)])  # fmt: skip
+    slide_selection.main(
+        ["--sizes", "1024", "--methods", "ats", *common, "--out", str(out), "--figure", str(fig)]
+    )
     assert json.loads(out.read_text())["slides"]["1024"]["cached"] is True
