@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from needlework.ops.tiled import tiled_map
+
 __all__ = ["CellAttention", "MegapixelMNISTAttention", "MegapixelMNISTFeatures"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -71,7 +73,9 @@ class CellAttention(nn.Module):
     ``channels`` are 3×3 ``same`` convolutions with ReLU; after the layers listed in ``pool_after`` a 2×2
     max pool halves the resolution; a zero-initialised 1×1 convolution (uniform attention at the start)
     gives one logit per position, max-pooled by ``cell_pool``. The cell side in ``x_low`` pixels is
-    ``s = 2^len(pool_after) · cell_pool``.
+    ``s = 2^len(pool_after) · cell_pool``. With ``tile`` set, inputs larger than ``tile`` px run tile by
+    tile (:func:`~needlework.ops.tiled.tiled_map`, exact): memory stays that of one tile however large the
+    slide's low view.
 
     Example:
         >>> net = CellAttention(1, channels=(8, 16), pool_after=(0,), cell_pool=4)
@@ -85,19 +89,24 @@ class CellAttention(nn.Module):
         channels: tuple[int, ...] | list[int] = (16, 16, 32, 32),
         pool_after: tuple[int, ...] | list[int] = (1,),
         cell_pool: int = 8,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
+        if tile is not None and tile < 1:
+            raise ValueError(f"CellAttention tile must be >= 1 px or None, got {tile}")
         if not channels or cell_pool < 1 or any(not 0 <= i < len(channels) for i in pool_after):
             raise ValueError(
                 f"CellAttention needs channels, pool_after indices into them and cell_pool >= 1; got "
                 f"{channels}, {pool_after}, {cell_pool}"
             )
         layers: list[nn.Module] = []
-        prev = in_channels
+        prev, step, radius = in_channels, 1, 0
         for i, ch in enumerate(channels):
             layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.ReLU(inplace=True)]
+            radius += step  # a 3×3 conv reaches one position further, `step` input px apart
             if i in pool_after:
                 layers.append(nn.MaxPool2d(2))
+                step *= 2
             prev = ch
         last = nn.Conv2d(prev, 1, 1)
         nn.init.zeros_(last.weight)
@@ -106,7 +115,13 @@ class CellAttention(nn.Module):
         self.net = nn.Sequential(*layers)
         self.cell_pool = int(cell_pool)
         self.cell = 2 ** len(set(pool_after)) * self.cell_pool
+        self.tile, self.halo = tile, radius  # halo: receptive-field radius in x_low px
 
-    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x_low: torch.Tensor) -> torch.Tensor:
         out = self.net(x_low)
         return F.max_pool2d(out, self.cell_pool) if self.cell_pool > 1 else out
+
+    def forward(self, x_low: torch.Tensor) -> torch.Tensor:
+        if self.tile is None:
+            return self._logits(x_low)
+        return tiled_map(self._logits, x_low, self.tile, self.halo, self.cell)

@@ -21,6 +21,7 @@ from needlework.checks import check_shape
 from needlework.models.base import NeedleworkModel
 from needlework.models.patch_cnn import build_patch_encoder
 from needlework.models.positional import sinusoidal_2d
+from needlework.ops.tiled import tiled_map
 from needlework.registry import register_model
 from needlework.topk import PerturbedTopK, cell_coords, hard_patches, soft_patches, sorted_topk_indices
 
@@ -29,10 +30,19 @@ POS_ENCODINGS = ("learned", "sinusoidal", "none")
 
 
 class Scorer(nn.Module):
-    """3×3 ReLU convolutions + a 1×1 convolution to one channel, max-pooled to the selection grid."""
+    """3×3 ReLU convolutions + a 1×1 convolution to one channel, max-pooled to the selection grid.
 
-    def __init__(self, in_channels: int, channels: Sequence[int], grid: tuple[int, int]) -> None:
+    With ``tile`` set, the convolutions run tile by tile on inputs larger than ``tile`` px
+    (:func:`~needlework.ops.tiled.tiled_map`, exact); only the one-channel map is held whole.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: Sequence[int], grid: tuple[int, int], tile: int | None = None
+    ) -> None:
         super().__init__()
+        if tile is not None and tile < 1:
+            raise ValueError(f"scorer_tile must be >= 1 px or None, got {tile}")
+        self.tile, self.halo = tile, len(channels)  # one px of reach per 3×3 convolution
         layers: list[nn.Module] = []
         prev = in_channels
         for ch in channels:
@@ -44,7 +54,7 @@ class Scorer(nn.Module):
 
     def forward(self, x_low: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``(B, C, h, w)`` → scores ``(B, gh·gw)`` (row-major cells of ``grid``, default the fixed one)."""
-        out = self.net(x_low)
+        out = self.net(x_low) if self.tile is None else tiled_map(self.net, x_low, self.tile, self.halo)
         return (F.adaptive_max_pool2d(out, grid) if grid is not None else self.pool(out)).flatten(1)
 
 
@@ -65,6 +75,8 @@ class DPS(NeedleworkModel):
         sigma, n_samples, sigma_schedule, total_steps, sigma_end, jacobian: perturbed top-K settings
             (see :class:`needlework.topk.PerturbedTopK`); ``total_steps`` counts training forwards.
         scorer_channels: widths of the scorer's 3×3 convolutions.
+        scorer_tile: run the scorer tile by tile on ``x_low`` larger than this (px; exact, memory of one
+            tile): for whole-slide low views.
         low_scale: if ``x_low`` is not given, it is ``x_high`` area-resized by this factor.
         dim: embedding width D.
         encoder: :func:`needlework.models.patch_cnn.build_patch_encoder` config (PatchCNN kwargs or
@@ -102,6 +114,7 @@ class DPS(NeedleworkModel):
         sigma_end: float = 0.0,
         jacobian: str = "outer",
         scorer_channels: Sequence[int] = (8, 8, 8),
+        scorer_tile: int | None = None,
         low_scale: float = 0.25,
         dim: int = 128,
         encoder: dict[str, Any] | None = None,
@@ -129,7 +142,7 @@ class DPS(NeedleworkModel):
         self.multilabel = multilabel
         self.num_classes, self.in_channels, self.patch_size, self.k = num_classes, in_channels, patch_size, k
         self.low_scale, self.aggregation, self.entropy_weight = low_scale, aggregation, entropy_weight
-        self.scorer = Scorer(in_channels, scorer_channels, self.grid)
+        self.scorer = Scorer(in_channels, scorer_channels, self.grid, scorer_tile)
         self.topk = PerturbedTopK(
             k, sigma, n_samples, sigma_schedule, total_steps, sigma_end, normalize=True, jacobian=jacobian
         )

@@ -1,0 +1,121 @@
+"""Tiled attention / scorer networks: exact against the whole-image pass, and memory of one tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from needlework.models.ats_networks import CellAttention
+from needlework.models.dps import Scorer
+from needlework.ops.tiled import tiled_map
+
+
+def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():  # the last layer starts at zero (uniform attention): make it count
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return net
+
+
+def _grads(net: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    out = net(x)
+    (out * weight).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    return x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("channels", "pool_after", "cell_pool", "size"),
+    [((4, 4, 8), (1,), 2, (77, 93)), ((4, 6), (0, 1), 1, (64, 50)), ((3,), (), 3, (40, 41))],
+)
+def test_cell_attention_tiled_equals_whole(channels, pool_after, cell_pool, size, dtype):
+    whole = _randomise(CellAttention(3, channels, pool_after, cell_pool)).to(dtype)
+    tiled = _randomise(CellAttention(3, channels, pool_after, cell_pool, tile=13)).to(dtype)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref = whole(x)
+    out = tiled(x)
+    assert out.shape == ref.shape == (2, 1, size[0] // whole.cell, size[1] // whole.cell)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    gx_ref, gp_ref = _grads(whole, x, weight)
+    gx, gp = _grads(tiled, x, weight)
+    torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+
+
+def test_a_halo_too_small_is_not_exact():
+    """The halo is what makes tiling exact: one px short of the receptive field, tile borders show."""
+    net = _randomise(CellAttention(1, (4, 4, 4), (), 1)).double()  # three 3×3 convs: radius 3
+    x = torch.randn(1, 1, 40, 40, dtype=torch.float64)
+    assert net.halo == 3
+    ok = tiled_map(net._logits, x, tile=10, halo=3)
+    short = tiled_map(net._logits, x, tile=10, halo=2)
+    torch.testing.assert_close(ok, net(x))
+    assert (short - net(x)).abs().max() > 1e-6
+
+
+def test_dps_scorer_tiled_equals_whole():
+    whole = _randomise(Scorer(3, (4, 8), (5, 7))).double()
+    tiled = _randomise(Scorer(3, (4, 8), (5, 7), tile=16)).double()
+    x = torch.randn(1, 3, 61, 83, dtype=torch.float64)
+    torch.testing.assert_close(tiled(x), whole(x))
+    torch.testing.assert_close(tiled(x, (9, 4)), whole(x, (9, 4)))
+    w = torch.randn(1, 35, dtype=torch.float64)
+    for a, b in zip(_grads(tiled, x, w)[1], _grads(whole, x, w)[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_tiled_map_gradcheck():
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2)).double()
+    x = torch.randn(1, 2, 14, 18, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: tiled_map(conv, t, tile=6, halo=1, stride=2), (x,))
+
+
+def test_backward_keeps_one_tile_of_activations():
+    """What autograd saves for the backward: every layer's maps whole, against only the tile inputs."""
+    net = _randomise(CellAttention(3, (16, 16, 32), (1,), 2))
+    x = torch.randn(1, 3, 256, 256)
+
+    def saved_bytes(model: nn.Module) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum().backward()
+        return total
+
+    whole = saved_bytes(net)
+    net.tile = 64
+    tiled = saved_bytes(net)
+    assert whole > 16 * 256 * 256 * 4 * 2  # at least two full-resolution 16-channel maps
+    assert tiled < whole / 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"tile": 0, "halo": 1}, "tile >= 1"), ({"tile": 4, "halo": -1}, "halo >= 0")],
+)
+def test_tiled_map_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiled_map(nn.Identity(), torch.zeros(1, 1, 8, 8), **kwargs)
+
+
+def test_tiled_map_needs_an_image_batch():
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        tiled_map(nn.Identity(), torch.zeros(8, 8), tile=4, halo=0)
+
+
+def test_cell_attention_rejects_a_bad_tile():
+    with pytest.raises(ValueError, match="tile"):
+        CellAttention(3, tile=0)
