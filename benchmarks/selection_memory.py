@@ -189,6 +189,17 @@ def table(rows: list[dict[str, Any]], label: str) -> str:
     return "\n".join(lines)
 
 
+def environment() -> dict[str, Any]:
+    """What a result was measured on (shared by the memory benchmarks)."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -239,13 +250,7 @@ def main() -> None:
             "settings": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"
             },
-            "environment": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "cpu_count": os.cpu_count(),
-                "load_avg_1min": os.getloadavg()[0],
-            },
+            "environment": environment(),
             "memory_measure": (
                 "CPU: peak RSS during the second step above the level before it"
                 if args.device == "cpu"

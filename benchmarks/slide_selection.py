@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection_memory import write_json  # the shared atomic JSON writer
+from selection_memory import environment, write_json  # shared with the operator memory benchmark
 from slide_pyramid import write_slide
 
 METHODS = ("ats", "dps", "ips")
@@ -264,7 +263,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args.worker[0], args.worker[1], args)))
         return {}
-    import torch
 
     started = time.time()
     cache = args.cache_dir or default_cache()
@@ -289,13 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "slide_selection",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": settings,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_1min": os.getloadavg()[0],
-        },
+        "environment": environment(),
         "memory_measure": (
             "CPU: VmHWM after /proc/self/clear_refs reset right before the step (peak_mb), minus VmRSS "
             "before it (increment_mb); max over the timed steps"
