@@ -164,11 +164,19 @@ def spawn(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         "--dense-limit-gb",
         str(args.dense_limit_gb),
     ]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    return run_measurement(cmd, args.threads, args.timeout, error_lines=1)
+
+
+def run_measurement(cmd: list[str], threads: int, timeout: float, error_lines: int = 3) -> dict[str, Any]:
+    """Run one measurement worker; its ``RESULT {json}`` line, or ``{"error": [last lines of its output]}``.
+
+    Freed large blocks go back to the OS (``MALLOC_MMAP_THRESHOLD_``), so RSS follows what a step holds.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-error_lines:] or ["no output"]}
     return json.loads(lines[-1][len("RESULT ") :])
 
 

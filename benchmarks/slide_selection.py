@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection_memory import environment, write_json  # shared with the operator memory benchmark
+from selection_memory import (  # shared with the operator memory benchmark
+    environment,
+    run_measurement,
+    write_json,
+)
 from slide_pyramid import write_slide
 
 METHODS = ("ats", "dps", "ips")
@@ -172,13 +175,7 @@ def spawn(method: str, slide: str, args: argparse.Namespace) -> dict[str, Any]:
            "--max-low-side", str(args.max_low_side)]  # fmt: skip
     if args.high_mpp:
         cmd += ["--high-mpp", str(args.high_mpp)]
-    # freed large blocks go back to the OS, so RSS follows what the step really holds
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]}
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_measurement(cmd, args.threads, args.timeout)
 
 
 # --------------------------------------------------------------------------------------- reporting
