@@ -34,7 +34,10 @@ FIGURE_NAMES = {
 def _suffix(entry: dict[str, Any]) -> str:
     """Needle-MNIST studies get their own files (``ats_entropy_needle256.png``)."""
     setup = entry["setup"]
-    return "" if setup["dataset"] == "megapixel_mnist" else f"_needle{setup['canvas']}"
+    name = "" if setup["dataset"] == "megapixel_mnist" else f"_needle{setup['canvas']}"
+    if setup.get("recipe", "reference") != "reference":
+        name += f"_{setup['recipe']}"
+    return name + (f"_cell{setup['cell_size']}" if setup.get("cell_size") else "")
 
 
 def _save(fig, folder: Path, name: str, tiny: bool) -> Path:

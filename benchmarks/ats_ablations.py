@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import platform
 import sys
@@ -78,15 +79,22 @@ class Setup:
     n_patches: int = 10  # entropy and mil studies
     entropy_weight: float = 0.01  # patches and mil studies (the supplement's λ)
     seed: int = 0
+    recipe: str = "reference"  # or "needle": configs/needle_mnist/ats.yaml's networks and schedule
+    cell_size: int = 0  # needle-MNIST: attention cell side in x_high px (0: the patch size)
 
     @property
     def patch(self) -> int:
         return 50 if self.dataset == "megapixel_mnist" else 64
 
     @property
+    def cell(self) -> int:
+        """Side of one cell of the comparison grid in ``x_high`` px (the attention-MIL grid)."""
+        return self.cell_size or self.patch
+
+    @property
     def grid(self) -> int:
-        """Side of the comparison grid (the attention-MIL grid of ``patch``-px cells)."""
-        return self.canvas // self.patch
+        """Side of the comparison grid (``cell``-px cells)."""
+        return self.canvas // self.cell
 
     @property
     def num_classes(self) -> int:
@@ -106,15 +114,45 @@ def make_setup(args: argparse.Namespace) -> Setup:
             preset[name] = getattr(args, name)
     if args.canvas is None:
         dataset, canvas = "megapixel_mnist", 300 if args.tiny else 500
+        if args.recipe != "reference" or args.cell:
+            raise SystemExit("error: --recipe needle and --cell need --canvas (needle-MNIST)")
     else:
         dataset, canvas = "needle_mnist", args.canvas
         if canvas % 64 or canvas < 128:
             raise SystemExit(f"error: --canvas {canvas}: needle-MNIST needs a multiple of 64, at least 128")
-    return Setup(dataset=dataset, canvas=canvas, minutes=args.minutes, **preset)
+        if args.cell not in (0, 16, 32, 64):
+            raise SystemExit(f"error: --cell {args.cell}: attention cells of 16, 32 or 64 px")
+    if args.recipe == "needle":
+        preset.update(lr=3e-3, train=max(preset["train"], 20000))  # lazily rendered: fresh images
+    if args.lr is not None:
+        preset["lr"] = args.lr
+    return Setup(dataset=dataset, canvas=canvas, minutes=args.minutes, recipe=args.recipe,
+                 cell_size=args.cell, **preset)  # fmt: skip
+
+
+def study_key(study: str, setup: Setup, tiny: bool) -> str:
+    """``study/dataset+canvas/preset``, plus the recipe and cell size where they are not the defaults."""
+    extra = ("" if setup.recipe == "reference" else f"-{setup.recipe}") + (
+        f"-cell{setup.cell_size}" if setup.cell_size else ""
+    )
+    return f"{study}/{setup.dataset}{setup.canvas}/{'tiny' if tiny else 'cpu'}{extra}"
+
+
+#: the needle recipe's canvas curriculum: (fraction of the run's budget, canvas), capped at the target
+CURRICULUM = ((0.08, 64), (0.30, 128), (0.65, 256))
+
+
+def stage_canvas(setup: Setup, fraction: float) -> int:
+    """The training canvas at ``fraction`` of the budget (the target canvas for the reference recipe)."""
+    if setup.recipe == "needle":
+        for until, canvas in CURRICULUM:
+            if fraction < until:
+                return min(canvas, setup.canvas)
+    return setup.canvas
 
 
 # -- data ------------------------------------------------------------------------------------------------
-def make_dataset(setup: Setup, split: str, size: int):
+def make_dataset(setup: Setup, split: str, size: int, canvas: int | None = None):
     """Items with ``x_low``, ``x_high``, ``label`` and ``boxes`` (xyxy pixels of ``x_high``)."""
     if setup.dataset == "megapixel_mnist":
         from needlework.data.megapixel_mnist import MegapixelMNIST
@@ -123,7 +161,7 @@ def make_dataset(setup: Setup, split: str, size: int):
     from needlework.data.needle_mnist import NeedleMNIST
     from needlework.data.views import MultiResolutionViews
 
-    base = NeedleMNIST(canvas=setup.canvas, split=split, size=size, seed=setup.seed)
+    base = NeedleMNIST(canvas=canvas or setup.canvas, split=split, size=size, seed=setup.seed)
     views = MultiResolutionViews(factor=4)
 
     class _Views(torch.utils.data.Dataset):
@@ -146,21 +184,64 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- models ----------------------------------------------------------------------------------------------
+#: the feature network of configs/needle_mnist/ats.yaml (the recipe that learns at 128 px in 3 CPU minutes)
+NEEDLE_ENCODER = {"widths": [32, 32, 32], "strides": [1, 2, 2], "stem_stride": 2}
+NEEDLE_DIM = 64
+
+
+class AllPatchesMIL(torch.nn.Module):
+    """Gated attention-MIL (Ilse et al.) over every patch ATS could sample: one ``patch``-px patch of
+    ``x_high`` centred on each ``cell``-px cell (the corners of :func:`needlework.ats.cells_to_offsets`).
+
+    ``forward(x_high (B, C, H, W))`` → ``logits (B, K)``, ``attention (B, N)``, ``attention_map
+    (B, H / cell, W / cell)``.
+    """
+
+    def __init__(self, features: torch.nn.Module, dim: int, num_classes: int, patch: int, cell: int) -> None:
+        from needlework.models.pooling import AttentionPool
+
+        super().__init__()
+        self.features, self.patch, self.cell = features, patch, cell
+        self.pool = AttentionPool(dim, hidden=64, gated=True)
+        self.classifier = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, x_high: torch.Tensor) -> dict[str, Any]:
+        from needlework.ats import extract_patches
+
+        B, _, H, W = x_high.shape
+        gh, gw = H // self.cell, W // self.cell
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        corners = torch.stack([xs, ys], -1).view(1, -1, 2) * self.cell + (self.cell - self.patch) // 2
+        patches = extract_patches(x_high, corners.expand(B, -1, -1).to(x_high.device), self.patch)
+        h = self.features(patches.flatten(0, 1)).view(B, gh * gw, -1)
+        embedding, attention = self.pool(h)
+        return {"logits": self.classifier(embedding), "attention": attention,
+                "attention_map": attention.view(B, gh, gw)}  # fmt: skip
+
+
 def build_model(setup: Setup, kind: str, n_patches: int, entropy_weight: float) -> torch.nn.Module:
     """ATS (``kind="ats"``) or gated attention-MIL over all grid patches (``"mil"``), same feature CNN."""
     from needlework.models.ats import ATSClassifier
     from needlework.models.ats_networks import CellAttention, MegapixelMNISTAttention, MegapixelMNISTFeatures
     from needlework.models.attention_mil import AttentionMILClassifier
+    from needlework.models.patch_cnn import build_patch_encoder
 
+    if setup.recipe == "needle":
+        features, dim = build_patch_encoder(1, NEEDLE_DIM, NEEDLE_ENCODER), NEEDLE_DIM
+    else:
+        features = MegapixelMNISTFeatures(1, setup.channels)
+        dim = features.out_dim
     if kind == "mil":
-        return AttentionMILClassifier(setup.num_classes, 1, setup.patch, setup.channels, attention_dim=64)
-    features = MegapixelMNISTFeatures(1, setup.channels)
+        if setup.recipe == "reference" and setup.cell == setup.patch:
+            return AttentionMILClassifier(setup.num_classes, 1, setup.patch, setup.channels, attention_dim=64)
+        return AllPatchesMIL(features, dim, setup.num_classes, setup.patch, setup.cell)
     if setup.dataset == "megapixel_mnist":
         attention, smoothing = MegapixelMNISTAttention(1, 8, "tanh"), 1e-5
-    else:  # 16-px cells of x_low = 64-px cells of x_high (the MIL grid)
-        attention, smoothing = CellAttention(1, (16, 16, 32, 32), pool_after=(1,), cell_pool=8), 1e-3
+    else:  # x_low is x_high / 4 and one 2×2 pool: cell_pool = cell / 8 (16-px x_low cells = 64-px cells)
+        attention = CellAttention(1, (16, 16, 32, 32), pool_after=(1,), cell_pool=setup.cell // 8)
+        smoothing = 1e-3
     return ATSClassifier(
-        attention, features, features.out_dim, setup.num_classes, n_patches=n_patches,
+        attention, features, dim, setup.num_classes, n_patches=n_patches,
         patch_size=setup.patch, smoothing=smoothing, entropy_weight=entropy_weight, clamp=True,
     )  # fmt: skip
 
@@ -219,19 +300,37 @@ def keep_figure_epoch(epoch: int) -> bool:
     return a == epoch
 
 
-def train_run(setup: Setup, run: dict[str, Any], train_ds, probes, test) -> dict[str, Any]:
-    """One run: train epoch by epoch, measure after each; returns the run's record."""
+def progress(setup: Setup, epoch: int, elapsed: float) -> float:
+    """Fraction of the run done: of the time budget when there is one, else of the epochs."""
+    if setup.minutes > 0:
+        return min(1.0, elapsed / (setup.minutes * 60))
+    return (epoch - 1) / setup.epochs
+
+
+def train_run(setup: Setup, run: dict[str, Any], train_set, probes, test) -> dict[str, Any]:
+    """One run: train epoch by epoch, measure after each; returns the run's record.
+
+    ``train_set(canvas)`` gives the fixed training set at a canvas (the needle recipe's curriculum starts
+    on small canvases); the needle recipe also anneals the learning rate by a cosine over the run.
+    """
     torch.manual_seed(setup.seed)
     model = build_model(setup, run["kind"], run["n_patches"], run["entropy_weight"])
     opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
-    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(setup.seed)).tolist()
+    order = torch.randperm(setup.train, generator=torch.Generator().manual_seed(setup.seed)).tolist()
     epochs: list[dict[str, Any]] = []
     figures: dict[str, Any] = {}
     start, cursor, seen = time.perf_counter(), 0, 0
     budget = setup.minutes * 60 if setup.minutes > 0 else float("inf")
     for epoch in range(1, setup.epochs + 1):
         losses = []
+        done = progress(setup, epoch, time.perf_counter() - start)
+        canvas = stage_canvas(setup, done)
+        train_ds = train_set(canvas)
         for _ in range(max(1, setup.epoch_images // setup.batch)):
+            if setup.recipe == "needle":
+                done = progress(setup, epoch, time.perf_counter() - start)
+                for group in opt.param_groups:
+                    group["lr"] = setup.lr * 0.5 * (1 + math.cos(math.pi * done))
             idx = [order[(cursor + k) % len(order)] for k in range(setup.batch)]
             cursor += setup.batch
             batch = collate([train_ds[i] for i in idx])
@@ -246,9 +345,8 @@ def train_run(setup: Setup, run: dict[str, Any], train_ds, probes, test) -> dict
             seen += setup.batch
         row = measure(model, setup, probes, test)
         elapsed = time.perf_counter() - start
-        row.update(
-            epoch=epoch, images_seen=seen, seconds=round(elapsed, 2), train_loss=sum(losses) / len(losses)
-        )
+        row.update(epoch=epoch, images_seen=seen, seconds=round(elapsed, 2), canvas=canvas,
+                   train_loss=sum(losses) / len(losses))  # fmt: skip
         last = epoch == setup.epochs or elapsed >= budget
         if keep_figure_epoch(epoch) or last:
             figures[str(epoch)] = row["_figure_maps"]
@@ -333,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget per run (0: --epochs only)")
     for name in ("epochs", "epoch-images", "test", "probes", "channels", "batch"):
         ap.add_argument(f"--{name}", type=int, help="override the preset")
+    ap.add_argument("--recipe", choices=("reference", "needle"), default="reference",
+                    help="needle (with --canvas): configs/needle_mnist/ats.yaml's feature network, lr 3e-3 "
+                         "annealed by a cosine, canvas curriculum from 64 px")  # fmt: skip
+    ap.add_argument("--cell", type=int, default=0, help="needle-MNIST attention cell in px (16, 32, 64)")
+    ap.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     ap.add_argument("--draws", type=int, help="variance study: draws per number of patches")
     ap.add_argument("--attention-std", type=float, default=10.0, help="variance study: last-layer init std")
     ap.add_argument("--threads", type=int, default=1)
@@ -341,8 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     setup = make_setup(args)
-    preset = "tiny" if args.tiny else "cpu"
-    key = f"{args.study}/{setup.dataset}{setup.canvas}/{preset}"
+    key = study_key(args.study, setup, args.tiny)
     data = load(args.out)
     if args.study == "variance":
         if key not in data["studies"]:
@@ -367,7 +469,13 @@ def main(argv: list[str] | None = None) -> None:
         plot_study(data["studies"][key], None, args.figures, tiny=args.tiny)
         print(f"wrote {args.out} [{key}]")
         return
-    train_ds = make_dataset(setup, "train", setup.train)
+    train_sets: dict[int, Any] = {}
+
+    def train_set(canvas: int):
+        if canvas not in train_sets:
+            train_sets[canvas] = make_dataset(setup, "train", setup.train, canvas)
+        return train_sets[canvas]
+
     test_ds = make_dataset(setup, "test", setup.probes + setup.test)
     probes = collate([test_ds[i] for i in range(setup.probes)])
     test_items = [test_ds[i] for i in range(setup.probes, setup.probes + setup.test)]
@@ -380,10 +488,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skip {run['name']} (done)")
             continue
         print(f"{key}: {run['name']}", flush=True)
-        entry["runs"][run["name"]] = {**train_run(setup, run, train_ds, probes, test), "versions": versions()}
+        record = train_run(setup, run, train_set, probes, test)
+        entry["runs"][run["name"]] = {**record, "versions": versions()}
         entry["distances"] = distances(entry["runs"])
         data = update(args.out, key, entry)
-    same = f"/{setup.dataset}{setup.canvas}/{preset}"  # the curves figure: every training study of this data
+    same = "/" + key.split("/", 1)[1]  # the curves figure: every training study of this data and setup
     curves = [e for k, e in sorted(data["studies"].items()) if e["study"] != "variance" and k.endswith(same)]
     plot_study(entry, probes["x_high"][:3], args.figures, tiny=args.tiny, curves=curves)
     print(f"wrote {args.out} [{key}]")

@@ -149,3 +149,51 @@ def test_studies_written_at_once_keep_each_other(ablations, tmp_path):
     stale["studies"]["patches/x/cpu"] = {"study": "patches", "runs": {"n=2": {}}}
     ablations.update(out, "patches/x/cpu", stale["studies"]["patches/x/cpu"])
     assert sorted(json.loads(out.read_text())["studies"]) == ["entropy/x/cpu", "patches/x/cpu"]
+
+
+def test_needle_recipe_tiny_uses_the_curriculum_and_32px_cells(ablations, tmp_path):
+    data = _run(ablations, tmp_path, "--study", "mil", "--canvas", "128", "--recipe", "needle", "--cell", "32",
+                "--epochs", "3")  # fmt: skip
+    entry = data["studies"]["mil/needle_mnist128/tiny-needle-cell32"]
+    assert entry["setup"]["recipe"] == "needle" and entry["setup"]["lr"] == 3e-3
+    for run in entry["runs"].values():
+        # epochs by fraction of the run: 0, 1/3 and 2/3 → the 64-px stage first, then the target canvas
+        assert [e["canvas"] for e in run["epochs"]] == [64, 128, 128]
+        assert len(run["epochs"][0]["maps"][0]) == (128 // 32) ** 2
+    assert (tmp_path / "fig" / "ats_vs_mil_needle128_needle_cell32_tiny.png").exists()
+
+
+def test_stage_canvas_follows_the_budget_and_caps_at_the_target(ablations):
+    setup = ablations.Setup("needle_mnist", 512, 8, 8, 4, 2, 4, 4, 2, 1.0, recipe="needle")
+    assert [ablations.stage_canvas(setup, f) for f in (0.0, 0.1, 0.5, 0.9)] == [64, 128, 256, 512]
+    small = ablations.Setup("needle_mnist", 128, 8, 8, 4, 2, 4, 4, 2, 1.0, recipe="needle")
+    assert [ablations.stage_canvas(small, f) for f in (0.0, 0.5, 0.9)] == [64, 128, 128]
+    plain = ablations.Setup("needle_mnist", 512, 8, 8, 4, 2, 4, 4, 2, 1.0)
+    assert ablations.stage_canvas(plain, 0.0) == 512  # the reference recipe has no curriculum
+
+
+def test_all_patches_mil_sees_the_patches_ats_samples(ablations):
+    """Its patch corners are those of cells_to_offsets for every cell (ATS with n = every cell)."""
+    from needlework.ats import cells_to_offsets, extract_patches
+
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, p):
+            seen.append(p)
+            return p.flatten(1)[:, :4]
+
+    mil = ablations.AllPatchesMIL(Record(), 4, 2, patch=64, cell=32)
+    x = torch.rand(1, 1, 128, 128)
+    out = mil(x)
+    idx = torch.arange(16)[None]
+    offsets = cells_to_offsets(idx, (4, 4), (32, 32), (128, 128), 64)
+    assert torch.equal(seen[0], extract_patches(x, offsets, 64).flatten(0, 1))
+    assert out["attention_map"].shape == (1, 4, 4) and out["logits"].shape == (1, 2)
+
+
+def test_needle_recipe_needs_needle_mnist_and_a_known_cell(ablations, tmp_path):
+    with pytest.raises(SystemExit, match="need --canvas"):
+        _run(ablations, tmp_path, "--study", "entropy", "--recipe", "needle")
+    with pytest.raises(SystemExit, match="--cell 48"):
+        _run(ablations, tmp_path, "--study", "entropy", "--canvas", "128", "--cell", "48")
