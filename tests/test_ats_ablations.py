@@ -152,8 +152,8 @@ def test_studies_written_at_once_keep_each_other(ablations, tmp_path):
 
 
 def test_needle_recipe_tiny_uses_the_curriculum_and_32px_cells(ablations, tmp_path):
-    data = _run(ablations, tmp_path, "--study", "mil", "--canvas", "128", "--recipe", "needle", "--cell", "32",
-                "--epochs", "3")  # fmt: skip
+    args = ("--study", "mil", "--canvas", "128", "--recipe", "needle", "--cell", "32", "--epochs", "3")
+    data = _run(ablations, tmp_path, *args)
     entry = data["studies"]["mil/needle_mnist128/tiny-needle-cell32"]
     assert entry["setup"]["recipe"] == "needle" and entry["setup"]["lr"] == 3e-3
     for run in entry["runs"].values():

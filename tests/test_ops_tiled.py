@@ -8,7 +8,7 @@ from torch import nn
 
 from needlework.models.ats_networks import CellAttention
 from needlework.models.dps import Scorer
-from needlework.ops.tiled import tiled_map
+from needlework.ops.tiled import tiled_map, unit_float
 
 
 def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -119,3 +119,48 @@ def test_tiled_map_needs_an_image_batch():
 def test_cell_attention_rejects_a_bad_tile():
     with pytest.raises(ValueError, match="tile"):
         CellAttention(3, tile=0)
+
+
+# -- uint8 low views (a slide's x_low stays uint8; the networks convert tile by tile) -----------------------
+def test_unit_float_scales_uint8_and_passes_floats_through():
+    x = torch.tensor([0, 1, 128, 255], dtype=torch.uint8)
+    assert torch.equal(unit_float(x), torch.tensor([0, 1, 128, 255]) / 255.0)
+    f = torch.rand(3, dtype=torch.float64)
+    assert unit_float(f) is f
+    with pytest.raises(TypeError, match="uint8"):
+        unit_float(torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("tile", [None, 24])
+def test_networks_on_uint8_equal_them_on_the_float_view(tile):
+    """Same logits and the same parameter gradients from the uint8 view as from its float copy / 255."""
+    torch.manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 3, 70, 50), dtype=torch.uint8)
+    nets = [CellAttention(3, (4, 8), pool_after=(0,), cell_pool=2, tile=tile), Scorer(3, (4,), (5, 5), tile)]
+    nn.init.normal_(nets[0].net[-1].weight)  # not the zero (uniform) initialisation
+    for net in nets:
+        assert net.takes_uint8
+        outs, grads = [], []
+        for x in (u8, u8.float() / 255):
+            net.zero_grad()
+            out = net(x)
+            out.square().sum().backward()
+            outs.append(out.detach())
+            grads.append([p.grad.clone() for p in net.parameters()])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        for g0, g1 in zip(*grads):
+            torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_ats_converts_uint8_for_an_attention_net_that_cannot():
+    """A network without ``takes_uint8`` gets the whole view as float in [0, 1]."""
+    import needlework
+
+    torch.manual_seed(0)
+    model = needlework.create_model("ats.megapixel_mnist", num_classes=3, n_patches=2, patch_size=50,
+                                    attention_channels=4, feature_channels=4)  # fmt: skip
+    u8 = torch.randint(0, 256, (1, 1, 30, 30), dtype=torch.uint8)
+    high = torch.rand(1, 1, 250, 250)
+    a = model.sampler.attention_logits(u8)
+    torch.testing.assert_close(a, model.sampler.attention_logits(u8.float() / 255))
+    assert model(u8, high)["logits"].shape == (1, 3)

@@ -150,11 +150,12 @@ def test_dataset_views_map_onto_the_slide(cohort):
     assert (dx, dy) == (16.0, 16.0) and item["x_low"].shape[1:] == (32, 48)
     x0, y0 = grid_to_level0([10, 7], (dx, dy)).astype(int)
     box = slide.read_region((int(x0), int(y0)), 0, (16, 16)).astype(np.float64).mean(axis=(0, 1)) / 255
-    np.testing.assert_allclose(item["x_low"][:, 7, 10].numpy(), box, atol=0.03)
+    assert item["x_low"].dtype == torch.uint8  # 3 bytes a pixel; the networks convert tile by tile
+    np.testing.assert_allclose(item["x_low"][:, 7, 10].numpy() / 255, box, atol=0.03)
     # x_high is x_low's raster at 4× the resolution
     assert item["x_high"].shape == (1, 3, 128, 192) and item["x_high"].downsamples == [(4.0, 4.0)]
     masked = SlideImageDataset("all", **_kwargs(cohort))[0]
-    assert torch.equal(masked["x_low"], item["x_low"] * item["tissue"])
+    assert torch.equal(masked["x_low"], (item["x_low"] * item["tissue"]).to(torch.uint8))
     assert 0.02 < float(item["tissue"].mean()) < 0.9
 
 
@@ -267,3 +268,12 @@ def test_pixel_heatmaps_png_h5_geojson(cohort, method, tmp_path):
     from PIL import Image
 
     assert Image.open(written["png"]).size[0] >= 192
+
+
+def test_a_batch_of_one_slide_is_not_copied(cohort):
+    """Slides train at batch 1: the batch holds the item's own low view (no second copy of it)."""
+    item = SlideImageDataset("all", **_kwargs(cohort))[0]
+    batch = collate_slide_pixels([item])
+    assert batch["x_low"].shape == (1, *item["x_low"].shape) and batch["x_low"].dtype == torch.uint8
+    assert batch["x_low"].data_ptr() == item["x_low"].data_ptr()
+    assert batch["tissue"].data_ptr() == item["tissue"].data_ptr()

@@ -28,6 +28,7 @@ from needlework.checks import check_same
 from needlework.models.ats_networks import CellAttention, MegapixelMNISTAttention, MegapixelMNISTFeatures
 from needlework.models.base import NeedleworkModel
 from needlework.models.patch_cnn import build_patch_encoder
+from needlework.ops.tiled import unit_float
 from needlework.registry import register_model
 
 __all__ = ["ATSClassifier", "AttentionSampling", "ats_cnn", "ats_megapixel_mnist"]
@@ -80,7 +81,9 @@ class AttentionSampling(nn.Module):
         self.estimator = estimator
 
     def attention_logits(self, x_low: torch.Tensor) -> torch.Tensor:
-        """Attention logits ``(B, *s_att)`` of the low-resolution view."""
+        """Attention logits ``(B, *s_att)`` of the low-resolution view (float, or uint8 pixels)."""
+        if not x_low.is_floating_point() and not getattr(self.attention_net, "takes_uint8", False):
+            x_low = unit_float(x_low)  # nets that cannot convert tile by tile get the whole view in float
         logits = self.attention_net(x_low)
         if logits.dim() == x_low.dim():
             if logits.shape[1] != 1:

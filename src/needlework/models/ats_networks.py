@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from needlework.ops.tiled import tiled_map
+from needlework.ops.tiled import tiled_map, unit_float
 
 __all__ = ["CellAttention", "MegapixelMNISTAttention", "MegapixelMNISTFeatures"]
 
@@ -117,8 +117,10 @@ class CellAttention(nn.Module):
         self.cell = 2 ** len(set(pool_after)) * self.cell_pool
         self.tile, self.halo = tile, radius  # halo: receptive-field radius in x_low px
 
+    takes_uint8 = True  # a uint8 view is converted tile by tile (a slide's low view stays uint8)
+
     def _logits(self, x_low: torch.Tensor) -> torch.Tensor:
-        out = self.net(x_low)
+        out = self.net(unit_float(x_low))
         return F.max_pool2d(out, self.cell_pool) if self.cell_pool > 1 else out
 
     def forward(self, x_low: torch.Tensor) -> torch.Tensor:

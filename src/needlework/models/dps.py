@@ -21,7 +21,7 @@ from needlework.checks import check_shape
 from needlework.models.base import NeedleworkModel
 from needlework.models.patch_cnn import build_patch_encoder
 from needlework.models.positional import sinusoidal_2d
-from needlework.ops.tiled import tiled_map
+from needlework.ops.tiled import tiled_map, unit_float
 from needlework.registry import register_model
 from needlework.topk import PerturbedTopK, cell_coords, hard_patches, soft_patches, sorted_topk_indices
 
@@ -52,9 +52,15 @@ class Scorer(nn.Module):
         self.net = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(grid)
 
+    takes_uint8 = True  # a uint8 view is converted tile by tile (a slide's low view stays uint8)
+
+    def _map(self, x_low: torch.Tensor) -> torch.Tensor:
+        return self.net(unit_float(x_low))
+
     def forward(self, x_low: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(B, C, h, w)`` → scores ``(B, gh·gw)`` (row-major cells of ``grid``, default the fixed one)."""
-        out = self.net(x_low) if self.tile is None else tiled_map(self.net, x_low, self.tile, self.halo)
+        """``(B, C, h, w)`` float or uint8 → scores ``(B, gh·gw)`` (row-major cells of ``grid``, default
+        the fixed one)."""
+        out = self._map(x_low) if self.tile is None else tiled_map(self._map, x_low, self.tile, self.halo)
         return (F.adaptive_max_pool2d(out, grid) if grid is not None else self.pool(out)).flatten(1)
 
 

@@ -29,6 +29,23 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0–255) → float32 in [0, 1]; floating-point tensors pass through unchanged.
+
+    A slide's low view travels as uint8 (a quarter of float32's bytes); networks that run tile by tile
+    convert each tile as they read it, so a float copy of the whole view never exists.
+
+    Example:
+        >>> unit_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+        tensor([0.0000, 0.2000, 1.0000])
+    """
+    if x.is_floating_point():
+        return x
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected a floating-point or uint8 image, got {x.dtype}")
+    return x.float().div_(255.0)
+
+
 def _ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
