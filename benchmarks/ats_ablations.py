@@ -403,12 +403,16 @@ def update(path: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Write one study's entry into the results file; returns the whole file as written.
 
     Re-reads the file under a lock first, so studies run at the same time (two processes, one per core)
-    never drop each other's entries.
+    never drop each other's entries, and runs of one study split over processes (``--runs``) never drop
+    each other's runs: the runs already in the file are kept and the distances recomputed over all.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
         data = load(path)
+        if "runs" in entry:
+            entry["runs"] = {**data["studies"].get(key, {}).get("runs", {}), **entry["runs"]}
+            entry["distances"] = distances(entry["runs"])
         data["studies"][key] = entry
         save(path, data)
     return data
@@ -434,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", choices=("reference", "needle"), default="reference",
                     help="needle (with --canvas): configs/needle_mnist/ats.yaml's feature network, lr 3e-3 "
                          "annealed by a cosine, canvas curriculum from 64 px")  # fmt: skip
+    ap.add_argument("--runs", nargs="+", help="only these runs of the study (split a study over processes)")
     ap.add_argument("--cell", type=int, default=0, help="needle-MNIST attention cell in px (16, 32, 64)")
     ap.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     ap.add_argument("--draws", type=int, help="variance study: draws per number of patches")
@@ -483,15 +488,22 @@ def main(argv: list[str] | None = None) -> None:
     entry = data["studies"].setdefault(key, {"study": args.study, "runs": {}})
     entry.update(setup=asdict(setup), reference=REFERENCE[args.study],
                  probe_boxes=[b.tolist() for b in probes["boxes"][:3]])  # fmt: skip
-    for run in study_runs(args.study, setup):
+    runs = study_runs(args.study, setup)
+    if args.runs:
+        unknown = set(args.runs) - {r["name"] for r in runs}
+        if unknown:
+            raise SystemExit(f"error: --runs {sorted(unknown)}: the {args.study} study has "
+                             f"{[r['name'] for r in runs]}")  # fmt: skip
+        runs = [r for r in runs if r["name"] in args.runs]
+    for run in runs:
         if run["name"] in entry["runs"]:
             print(f"skip {run['name']} (done)")
             continue
         print(f"{key}: {run['name']}", flush=True)
         record = train_run(setup, run, train_set, probes, test)
         entry["runs"][run["name"]] = {**record, "versions": versions()}
-        entry["distances"] = distances(entry["runs"])
         data = update(args.out, key, entry)
+        entry = data["studies"][key]  # with the runs other processes wrote meanwhile
     same = "/" + key.split("/", 1)[1]  # the curves figure: every training study of this data and setup
     curves = [e for k, e in sorted(data["studies"].items()) if e["study"] != "variance" and k.endswith(same)]
     plot_study(entry, probes["x_high"][:3], args.figures, tiny=args.tiny, curves=curves)

@@ -197,3 +197,21 @@ def test_needle_recipe_needs_needle_mnist_and_a_known_cell(ablations, tmp_path):
         _run(ablations, tmp_path, "--study", "entropy", "--recipe", "needle")
     with pytest.raises(SystemExit, match="--cell 48"):
         _run(ablations, tmp_path, "--study", "entropy", "--canvas", "128", "--cell", "48")
+
+
+def test_a_study_split_over_processes_keeps_every_run(ablations, tmp_path):
+    """``--runs`` splits a study's runs over processes writing one file: the last write holds all runs."""
+    base = ("--study", "mil", "--canvas", "128", "--epochs", "1")
+    first = _run(ablations, tmp_path, *base, "--runs", "attention-MIL")
+    key = "mil/needle_mnist128/tiny"
+    assert sorted(first["studies"][key]["runs"]) == ["attention-MIL"]
+    assert first["studies"][key]["distances"] == []
+    # the second process read the file before the first wrote (a stale, empty entry): its write still keeps
+    stale = {"study": "mil", "runs": {}}
+    ablations.update(tmp_path / "ats.json", key, stale)
+    both = _run(ablations, tmp_path, *base, "--runs", "ATS")
+    entry = both["studies"][key]
+    assert sorted(entry["runs"]) == ["ATS", "attention-MIL"]
+    assert [(d["a"], d["b"], d["epoch"]) for d in entry["distances"]] == [("ATS", "attention-MIL", 1)]
+    with pytest.raises(SystemExit, match="--runs"):
+        _run(ablations, tmp_path, *base, "--runs", "nope")
