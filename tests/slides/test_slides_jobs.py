@@ -15,8 +15,9 @@ from needlework.io.h5 import read_coords, read_features
 from needlework.slides import embed_job, jobs
 from needlework.slides.embed import embed_tiles
 from needlework.slides.embed_job import run_embedding
-from needlework.slides.jobs import SlideJobError, run_tiling
+from needlework.slides.jobs import run_tiling
 from needlework.slides.reader import open_slide
+from needlework.slides.stage_runner import SlideJobError
 from needlework.slides.status import SlideLock
 
 

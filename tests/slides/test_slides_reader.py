@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from needlework.slides import reader as reader_mod
-from needlework.slides.jobs import make_tasks
 from needlework.slides.mpp import MissingMPPError, load_mpp_overrides, resolve_mpp
 from needlework.slides.reader import ArrayReader, SlideOpenError, open_slide
+from needlework.slides.stage_runner import make_tasks
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])

@@ -150,8 +150,8 @@ def slide_checks(
     slides_dir: str | Path, mpp_csv: str | Path | None = None, reader: str = "auto", limit: int | None = None
 ) -> list[dict[str, str]]:
     """Open every slide, resolve its MPP and read one tile."""
-    from needlework.slides.jobs import make_tasks
     from needlework.slides.reader import open_slide
+    from needlework.slides.stage_runner import make_tasks
 
     try:
         tasks, unknown = make_tasks(slides_dir, mpp_csv)

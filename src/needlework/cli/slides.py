@@ -208,7 +208,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def _failures() -> tuple[type[BaseException], ...]:
     """Work that failed (status 1): a slide of the run failed and --skip_errors was off."""
-    from needlework.slides.jobs import SlideJobError
+    from needlework.slides.stage_runner import SlideJobError
 
     return (SlideJobError,)
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "ArrayReader": "needlework.slides.reader",
     "EmbedJobConfig": "needlework.slides.embed_job",
     "MissingMPPError": "needlework.slides.mpp",
-    "SlideJobError": "needlework.slides.jobs",
+    "SlideJobError": "needlework.slides.stage_runner",
     "SlideOpenError": "needlework.slides.reader",
     "SlideReader": "needlework.slides.reader",
     "SyntheticSlideSpec": "needlework.slides.synthetic",

@@ -29,8 +29,8 @@ import numpy as np
 from scipy import ndimage
 
 from needlework.io.geojson import read_polygons
-from needlework.slides.jobs import make_tasks
 from needlework.slides.reader import SlideReader, open_slide
+from needlework.slides.stage_runner import make_tasks
 from needlework.slides.status import save_png_atomic
 
 

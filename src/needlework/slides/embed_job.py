@@ -24,23 +24,23 @@ from needlework.io.h5 import (
     validate_patches_h5,
     write_features_h5,
 )
-from needlework.slides.jobs import (
+from needlework.slides.locks import SlideLock
+from needlework.slides.provenance import config_hash
+from needlework.slides.reader import open_slide
+from needlework.slides.stage_runner import (
     SlideTask,
-    _busy,
-    _failed,
-    _recorded_warnings,
-    _skipped_files,
-    _status,
-    _take_over_note,
+    busy_record,
+    failed_record,
     features_dir_name,
     find_tiling_dir,
     make_tasks,
     patches_path,
+    recorded_warnings,
     run_stage,
+    skipped_files,
+    status_record,
+    take_over_note,
 )
-from needlework.slides.locks import SlideLock
-from needlework.slides.provenance import config_hash
-from needlework.slides.reader import open_slide
 from needlework.slides.status import write_json_atomic
 
 
@@ -196,15 +196,15 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
     n_done = _finished(cfg, patches, out)
     if n_done is not None:
-        return _status(task, "embed", "skipped", n_tiles=n_done)
+        return status_record(task, "embed", "skipped", n_tiles=n_done)
     lock = SlideLock(state_dir / f"{task.slide_id}.lock")
     if not lock.acquire():
-        return _busy(task, "embed", lock)
+        return busy_record(task, "embed", lock)
     n_done = _finished(cfg, patches, out)  # another run may have finished it while we looked
     if n_done is not None:
         lock.release()
-        return _status(task, "embed", "skipped", n_tiles=n_done)
-    notes = _take_over_note(lock)
+        return status_record(task, "embed", "skipped", n_tiles=n_done)
+    notes = take_over_note(lock)
     try:
         try:
             if not patches.is_file():
@@ -213,11 +213,11 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
             if len(coords) == 0:
                 kind, why = _no_tiles(attrs)
                 notes += [why] if why else []
-                status = _status(
+                status = status_record(
                     task, "embed", kind, n_tiles=0, warnings=notes, seconds=round(time.time() - t0, 3)
                 )
             else:
-                with _recorded_warnings(notes), open_slide(task.slide_path, cfg.reader) as slide:
+                with recorded_warnings(notes), open_slide(task.slide_path, cfg.reader) as slide:
                     # Opened here (workers open their own) so that reader fallbacks reach the status.
                     backend = slide.backend
                 if attrs.get("reader") and backend != attrs["reader"]:
@@ -261,7 +261,7 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                     embed_config_hash=_embed_hash(cfg),
                 )
                 write_features_h5(out, feats, coords, meta)
-                status = _status(
+                status = status_record(
                     task,
                     "embed",
                     "done",
@@ -273,7 +273,7 @@ def embed_one(task: SlideTask, cfg: EmbedJobConfig) -> dict[str, Any]:
                     seconds=round(time.time() - t0, 3),
                 )
         except Exception as exc:
-            status = _failed(task, "embed", exc, t0)
+            status = failed_record(task, "embed", exc, t0)
         write_json_atomic(state_dir / f"{task.slide_id}.json", status)
         return status
     finally:
@@ -307,5 +307,5 @@ def run_embedding(
     if cfg.random_weights and _random_weights(cfg):
         warnings.warn(RANDOM_WEIGHTS_NOTE.format(cfg.encoder), stacklevel=2)
     state_dir = cfg.tiling_dir / "wsi_states" / f"embed_{features_dir_name(cfg.encoder)[9:]}"
-    extra = {"skipped_files": _skipped_files(slides)}
+    extra = {"skipped_files": skipped_files(slides)}
     return run_stage("embed", tasks, embed_one, cfg, state_dir, skip_errors, ray_address, extra, wait_busy_s)
