@@ -3,7 +3,7 @@
 Each item is one slide: ``x_low`` ``(3, h, w)`` uint8, the slide at ``low_mpp`` µm/px read from the nearest
 pyramid level (never coarser) and area-resized, multiplied by its tissue mask (the attention / scoring
 network sees tissue only; it converts the view to float tile by tile, so the view costs 3 bytes a pixel);
-``tissue`` ``(1, h, w)`` the mask (:func:`~needlework.slides.tissue.segment_tissue`
+``tissue`` ``(1, h, w)`` uint8 the mask (:func:`~needlework.slides.tissue.segment_tissue`
 at that resolution); and ``x_high``, a :class:`~needlework.slides.patch_reader.SlidePixels` — the slide at
 ``high_mpp`` as a lazy image that the models cut patches from. Nothing larger than ``x_low`` is ever held
 in memory, so the cost of an item grows with the low-resolution view only.
@@ -218,14 +218,14 @@ def pixel_item(
     view: LowView, reader: SlidePatchReader, ratio: float, patch_size: int, mask_low: bool = True
 ) -> dict[str, Any]:
     """The model inputs of one slide (no label): ``x_low`` ``(3, h, w)`` uint8 (masked to tissue when
-    ``mask_low``) and ``tissue`` ``(1, h, w)`` float on the padded canvas of :func:`pixel_canvas`, the lazy
-    ``x_high`` and ``low_downsample`` ``(2,)`` float64. Used by the dataset and by the pixel heatmaps,
+    ``mask_low``) and ``tissue`` ``(1, h, w)`` uint8 (0 / 1) on the padded canvas of
+    :func:`pixel_canvas`, the lazy ``x_high`` and ``low_downsample`` ``(2,)`` float64. Used by the dataset and by the pixel heatmaps,
     so both see a slide identically. The view stays uint8 (no float copy of it is ever made here): at
     100,000² px and 8 µm/px that is 29 MB instead of 117 MB per copy."""
     h, w = view.tissue.shape
     ch, cw = pixel_canvas(h, w, patch_size, ratio)
     low = torch.zeros(3, ch, cw, dtype=torch.uint8)
-    tissue = torch.zeros(1, ch, cw)
+    tissue = torch.zeros(1, ch, cw, dtype=torch.uint8)
     mask = torch.from_numpy(np.ascontiguousarray(view.tissue, dtype=bool))
     tissue[0, :h, :w] = mask
     low[:, :h, :w] = torch.from_numpy(view.image).permute(2, 0, 1)
@@ -252,7 +252,7 @@ def collate_slide_pixels(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         x_low, tissue = samples[0]["x_low"][None], samples[0]["tissue"][None]
     else:
         x_low = torch.zeros(len(samples), 3, h, w, dtype=samples[0]["x_low"].dtype)
-        tissue = torch.zeros(len(samples), 1, h, w)
+        tissue = torch.zeros(len(samples), 1, h, w, dtype=samples[0]["tissue"].dtype)
         for b, s in enumerate(samples):
             _, sh, sw = s["x_low"].shape
             x_low[b, :, :sh, :sw] = s["x_low"]
