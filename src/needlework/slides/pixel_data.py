@@ -220,8 +220,8 @@ def pixel_item(
     """The model inputs of one slide (no label): ``x_low`` ``(3, h, w)`` uint8 (masked to tissue when
     ``mask_low``) and ``tissue`` ``(1, h, w)`` uint8 (0 / 1) on the padded canvas of
     :func:`pixel_canvas`, the lazy ``x_high`` and ``low_downsample`` ``(2,)`` float64. Used by the
-    dataset and by the pixel heatmaps, so both see a slide identically. The view stays uint8 (no float copy of it is ever made here): at
-    100,000² px and 8 µm/px that is 29 MB instead of 117 MB per copy."""
+    dataset and by the pixel heatmaps, so both see a slide identically. The view stays uint8 (no float
+    copy of it is ever made here): at 100,000² px and 8 µm/px that is 29 MB instead of 117 MB a copy."""
     h, w = view.tissue.shape
     ch, cw = pixel_canvas(h, w, patch_size, ratio)
     low = torch.zeros(3, ch, cw, dtype=torch.uint8)
