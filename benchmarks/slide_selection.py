@@ -133,7 +133,7 @@ def run_worker(method: str, slide: str, args: argparse.Namespace) -> dict[str, A
                 torch.cuda.synchronize(device)
             info["x_low"] = list(batch["x_low"].shape[1:])
             info["x_high"] = list(batch["x_high"].size)
-            info["tissue_fraction_low"] = float(batch["tissue"].mean())
+            info["tissue_fraction_low"] = float(batch["tissue"].float().mean())
             if "candidate_coords" in out:  # IPS: tissue patches scanned; DPS: cells scored
                 info["candidates"] = int(len(out["candidate_coords"]))
 
