@@ -161,3 +161,25 @@ def test_large_thumbnails_are_read_in_blocks():
         assert a.shape == b.shape and da == db
         assert np.abs(a.astype(int) - b.astype(int)).mean() < (0.5 if ds == 8.0 else 12)
     np.testing.assert_array_equal(blocks.thumbnail_at_downsample(8.0)[0], img[::8, ::8])
+
+
+def test_a_level_that_is_the_thumbnail_is_copied_in_blocks_exactly(cohort):
+    """No resize needed: the thumbnail is copied block by block (bounded memory), equal to one whole read."""
+    path = cohort["slides_dir"] / "slide_000.tif"
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(path, backend) as whole, open_slide(path, backend) as blocks:
+            # 2048 × 1536 at 1 µm/px is its 4× level, 512 × 384: 6 × 4 blocks of 100², the last ones partial
+            blocks.copy_block = 100
+            calls: list[tuple] = []
+            read = blocks.read_region
+
+            def counted(*a, calls=calls, read=read):
+                calls.append(a)
+                return read(*a)
+
+            blocks.read_region = counted
+            a, da = whole.thumbnail_at_mpp(1.0, resize="area")
+            b, db = blocks.thumbnail_at_mpp(1.0, resize="area")
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == (384, 512, 3) and da == db == (4.0, 4.0) and len(calls) == 24
+        assert max(w * h for _, _, (w, h) in calls) == 100 * 100

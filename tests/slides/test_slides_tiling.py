@@ -153,3 +153,17 @@ def test_patch_file_layout_trident_and_clam(tmp_path, job):
     assert coords.dtype == np.int64 and attrs["patch_size_level0"] == 512
     write_patches_h5(tmp_path / "ours.h5", coords, {"patch_size_level0": 512, "name": "x"})
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_segmentation_by_row_blocks_equals_one_pass(cohort, monkeypatch):
+    """The per-pixel steps run in row blocks to bound memory; any block size gives the same mask."""
+    from needlework.slides import tissue as tissue_mod
+
+    image, _, _ = _true_mask(cohort, "slide_001")
+    thumb, _ = ArrayReader(image, mpp=0.25).thumbnail_at_mpp(4.0)
+    monkeypatch.setattr(tissue_mod, "ROW_BLOCK", 10**9)
+    one_pass = segment_tissue(thumb, 4.0), tissue_mod.saturation(thumb)
+    monkeypatch.setattr(tissue_mod, "ROW_BLOCK", 7)
+    np.testing.assert_array_equal(segment_tissue(thumb, 4.0), one_pass[0])
+    np.testing.assert_array_equal(tissue_mod.saturation(thumb), one_pass[1])
+    assert one_pass[0].any() and not one_pass[0].all()

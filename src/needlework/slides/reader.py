@@ -63,6 +63,7 @@ class SlideReader(ABC):
     backend = "abstract"
     backend_version = ""
     max_read_pixels = 4096 * 4096  # larger whole-slide reads (thumbnails) are done in blocks
+    copy_block = 1024  # side of the blocks a thumbnail that is a level as it is gets copied in
 
     def __init__(self, path: str | Path, mpp_override: float | None = None, allow_implausible: bool = False):
         self.path = Path(path)
@@ -208,7 +209,19 @@ class SlideReader(ABC):
         downsample = max(downsample, max(w0, h0) / max_side, 1.0)
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         dx, dy = w0 / tw, h0 / th
-        ds = self.level_downsamples[self.best_level(min(dx, dy))]
+        level = self.best_level(min(dx, dy))
+        ds = self.level_downsamples[level]
+        if ds == int(ds) and (round(w0 / ds), round(h0 / ds)) == (tw, th) and tw * th > self.copy_block**2:
+            # The level is the thumbnail (no resize) and its pixels sit on whole level-0 pixels: copy it
+            # block by block into the output, exactly, so that the backend's RGBA and RGB copies exist for
+            # one block at a time and not for the whole view.
+            thumb = np.empty((th, tw, 3), np.uint8)
+            b, s = self.copy_block, int(ds)
+            for ly in range(0, th, b):
+                for lx in range(0, tw, b):
+                    w, h = min(b, tw - lx), min(b, th - ly)
+                    thumb[ly : ly + h, lx : lx + w] = self.read_region((lx * s, ly * s), level, (w, h))
+            return thumb, (dx, dy)
         if (w0 / ds) * (h0 / ds) <= self.max_read_pixels:
             return self.read_region_at(0, 0, w0, h0, tw, th, resize), (dx, dy)
         # The level to read from is large (few pyramid levels): read it in blocks to bound memory.

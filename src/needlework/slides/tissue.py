@@ -101,12 +101,47 @@ def _dilate(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.dilate(mask, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+ROW_BLOCK = 256  # rows per block of the per-pixel steps: their float / int64 temporaries stay small
+
+
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation ``(max − min) / max`` in [0, 1] of an RGB uint8 image ``(H, W, 3)``."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
-    mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
-    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+    """HSV saturation ``(max − min) / max`` in [0, 1] of an RGB uint8 image ``(H, W, 3)``, float32.
+
+    Computed ``ROW_BLOCK`` rows at a time (the same arithmetic per pixel), so a large view costs its
+    float32 result and not five float32 copies of itself.
+    """
+    out = np.empty(rgb.shape[:2], np.float32)
+    for r0 in range(0, rgb.shape[0], ROW_BLOCK):
+        block = rgb[r0 : r0 + ROW_BLOCK]
+        r, g, b = block[..., 0], block[..., 1], block[..., 2]
+        mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
+        mn = np.minimum(np.minimum(r, g), b).astype(np.float32)
+        out[r0 : r0 + ROW_BLOCK] = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    return out
+
+
+def _above(sat: np.ndarray, t: float, size: int) -> np.ndarray:
+    """``median(sat) > t`` with a ``size × size`` median (0: none), as the median of ``sat > t``."""
+    if size == 0:
+        return sat > t
+    return _median_u8((sat > t).astype(np.uint8), size).astype(bool)
+
+
+def _histogram_u8(values: np.ndarray) -> np.ndarray:
+    """Counts ``(256,)`` of a uint8 image, by row blocks (``bincount`` casts its input to int64)."""
+    hist = np.zeros(256, np.int64)
+    for r0 in range(0, values.shape[0], ROW_BLOCK):
+        hist += np.bincount(values[r0 : r0 + ROW_BLOCK].ravel(), minlength=256)
+    return hist
+
+
+def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """uint8 index of the histogram bin of every value (``searchsorted`` on ``edges``), by row blocks."""
+    out = np.empty(values.shape, np.uint8)
+    for r0 in range(0, values.shape[0], ROW_BLOCK):
+        block = values[r0 : r0 + ROW_BLOCK]
+        out[r0 : r0 + ROW_BLOCK] = (np.searchsorted(edges, block, side="right") - 1).clip(0, 255)
+    return out
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -157,16 +192,12 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         # The median commutes with monotone maps, so the float median is never needed: the histogram is
         # that of the median of the bin indices, and median(sat) > thr is the median of (sat > thr).
         size = width | 1
-        bins = (np.searchsorted(edges, sat, side="right") - 1).clip(0, 255).astype(np.uint8)
-        hist = np.bincount(_median_u8(bins, size).ravel(), minlength=256)
-
-        def above_of(t: float) -> np.ndarray:
-            return _median_u8((sat > t).astype(np.uint8), size).astype(bool)
+        bins = _bin_index(sat, edges)
+        hist = _histogram_u8(_median_u8(bins, size))
+        del bins
     else:
+        size = 0  # no median
         hist = np.histogram(sat.ravel(), bins=256, range=(0.0, 1.0))[0]
-
-        def above_of(t: float) -> np.ndarray:
-            return sat > t
 
     background = _background_threshold(hist, edges, p)
     if p.threshold is not None:
@@ -175,9 +206,10 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         thr = max(_otsu(hist, edges), p.min_saturation)
     else:
         thr = background
-    above = above_of(thr)
+    above = _above(sat, thr, size)
     # What stands out from the background at all, to check the final mask against.
-    not_background = above if thr == background else above_of(background)
+    not_background = above if thr == background else _above(sat, background, size)
+    del sat  # a float32 copy of the view: free it before the morphology (peak memory on large views)
     bright = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2])
     mask = (above & (bright >= p.dark_value)).astype(np.uint8)
     r_close, r_open = round(p.close_um / mpp), round(p.open_um / mpp)
@@ -199,6 +231,7 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         if p.max_hole_area_um2 is not None:
             hole &= sizes * px_area < p.max_hole_area_um2
         mask = mask | hole[labels]
+        del labels  # int32, 4 bytes a pixel: not alive together with the next labelling
     if p.min_area_um2 > 0:
         labels, sizes = _components(mask.astype(np.uint8), 8)
         keep = sizes * px_area >= p.min_area_um2
