@@ -210,8 +210,10 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
     # What stands out from the background at all, to check the final mask against.
     not_background = above if thr == background else _above(sat, background, size)
     del sat  # a float32 copy of the view: free it before the morphology (peak memory on large views)
-    bright = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2])
-    mask = (above & (bright >= p.dark_value)).astype(np.uint8)
+    lit = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2]) >= p.dark_value
+    mask = (above & lit).astype(np.uint8)
+    standout = not_background & lit  # what the final mask is checked against; one array instead of three
+    del above, not_background, lit
     r_close, r_open = round(p.close_um / mpp), round(p.open_um / mpp)
     if r_close > 0:
         # Pad so that closing does not erode tissue touching the border.
@@ -238,7 +240,7 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         keep[0] = False
         mask = keep[labels]
     mask = mask.astype(bool)
-    _check_coverage(mask, not_background & (bright >= p.dark_value), thr, background, p)
+    _check_coverage(mask, standout, thr, background, p)
     return mask
 
 
