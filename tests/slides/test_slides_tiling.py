@@ -167,3 +167,22 @@ def test_segmentation_by_row_blocks_equals_one_pass(cohort, monkeypatch):
     np.testing.assert_array_equal(segment_tissue(thumb, 4.0), one_pass[0])
     np.testing.assert_array_equal(tissue_mod.saturation(thumb), one_pass[1])
     assert one_pass[0].any() and not one_pass[0].all()
+
+
+def test_component_labels_are_16_bit_unless_there_are_too_many():
+    """uint16 labels (half the memory); 65,536 components or more fall back to int32, same sizes."""
+    import cv2
+
+    from needlework.slides.tissue import _components
+
+    few = np.zeros((64, 64), np.uint8)
+    few[5:20, 5:20] = 1
+    few[30:40, 40:60] = 1
+    labels, sizes = _components(few, 8)
+    assert labels.dtype == np.uint16 and sorted(sizes[1:]) == [200, 225]
+    many = np.zeros((600, 600), np.uint8)
+    many[::2, ::2] = 1  # 90,000 isolated pixels
+    labels, sizes = _components(many, 4)
+    n, ref, _, _ = cv2.connectedComponentsWithStats(many, connectivity=4, ltype=cv2.CV_32S)
+    assert labels.dtype == np.int32 and len(sizes) == n == 90_001
+    np.testing.assert_array_equal(labels, ref)

@@ -171,8 +171,19 @@ def _median_u8(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(H, W)`` int32 (0 = outside ``mask``) and the pixel count of each label."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity)
+    """Labels ``(H, W)`` (0 = outside ``mask``) and the pixel count of each label.
+
+    Labels are uint16 (half the memory of int32 on a large view) unless there are 65,536 components or
+    more, which OpenCV reports as an error; then int32.
+    """
+    try:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            mask.view(np.uint8), connectivity=connectivity, ltype=cv2.CV_16U
+        )
+    except cv2.error:  # too many components for 16-bit labels
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            mask.view(np.uint8), connectivity=connectivity, ltype=cv2.CV_32S
+        )
     sizes = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
     sizes[0] = 0
     return labels, sizes
