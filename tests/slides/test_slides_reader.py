@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import warnings
 
 import numpy as np
 import pytest
 
+from needlework.slides import backends as backends_mod
 from needlework.slides import reader as reader_mod
 from needlework.slides.mpp import MissingMPPError, load_mpp_overrides, resolve_mpp
 from needlework.slides.reader import ArrayReader, SlideOpenError, open_slide
@@ -183,3 +186,35 @@ def test_a_level_that_is_the_thumbnail_is_copied_in_blocks_exactly(cohort):
         np.testing.assert_array_equal(a, b)
         assert a.shape == (384, 512, 3) and da == db == (4.0, 4.0) and len(calls) == 24
         assert max(w * h for _, _, (w, h) in calls) == 100 * 100
+
+
+def _cache_is_this_process() -> bool:
+    with open_slide(_FORK_SLIDE[0], "openslide"):
+        return backends_mod._CACHE is not None and backends_mod._CACHE[0] == os.getpid()
+
+
+_FORK_SLIDE: list = []
+
+
+def test_openslide_handles_share_one_bounded_cache_per_process(cohort, monkeypatch):
+    """Every OpenSlide handle of a process uses one tile cache (not 32 MiB per slide); a forked worker
+    makes its own; the pixels do not depend on the cache's size; a bad size is a clear error."""
+    a_path, b_path = cohort["slides_dir"] / "slide_000.tif", cohort["slides_dir"] / "slide_001.tif"
+    monkeypatch.setattr(backends_mod, "_CACHE", None)
+    with open_slide(a_path, "openslide") as a, open_slide(b_path, "openslide") as b:
+        assert backends_mod._CACHE is not None and backends_mod._CACHE[0] == os.getpid()
+        shared = backends_mod.openslide_cache()
+        assert backends_mod.openslide_cache() is shared  # the same object for every later handle
+        ref_a, ref_b = a.read_region((100, 50), 0, (300, 200)), b.read_region((0, 0), 1, (256, 256))
+    monkeypatch.setattr(backends_mod, "_CACHE", None)
+    monkeypatch.setenv("NEEDLEWORK_OPENSLIDE_CACHE_MB", "0")
+    with open_slide(a_path, "openslide") as a, open_slide(b_path, "openslide") as b:
+        np.testing.assert_array_equal(a.read_region((100, 50), 0, (300, 200)), ref_a)
+        np.testing.assert_array_equal(b.read_region((0, 0), 1, (256, 256)), ref_b)
+    _FORK_SLIDE[:] = [a_path]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_cache_is_this_process)  # the child's cache, not the parent's
+    monkeypatch.setattr(backends_mod, "_CACHE", None)
+    monkeypatch.setenv("NEEDLEWORK_OPENSLIDE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="NEEDLEWORK_OPENSLIDE_CACHE_MB='lots'.*MiB"):
+        open_slide(a_path, "openslide")
