@@ -47,8 +47,12 @@ def test_forward_contract_in_train_and_eval(aggregation, pos):
         m.train(training)
         out = m(x_low, x_high)
         assert out["logits"].shape == (2, 3)
-        assert out["indicators"].shape == (2, 2, 16)
-        torch.testing.assert_close(out["indicators"].sum(-1), torch.ones(2, 2))
+        support, weights = out["indicator_support"], out["indicator_weights"]
+        assert weights.shape == (2, 2, support.shape[1]) and support.shape[1] <= 16
+        at = support.unsqueeze(1).expand(-1, 2, -1)
+        dense = torch.zeros(2, 2, 16).scatter_add_(2, at, weights.detach())
+        torch.testing.assert_close(dense.sum(-1), torch.ones(2, 2))
+        assert dense.max() <= 1 + 1e-6 and (dense.sum(1) <= 1 + 1e-6).all()
         torch.testing.assert_close(out["attention"].sum(-1), torch.ones(2))
         assert out["selected_idx"].shape == (2, 2)
         assert (out["selected_idx"].diff(dim=1) > 0).all()  # sorted by position
@@ -69,7 +73,8 @@ def test_eval_uses_the_hard_top_k_patches():
     out = m(x_low, x_high)
     expected = extract_patches(x_high, out["selected_coords"], 8).flatten(0, 1)
     torch.testing.assert_close(seen["patches"], expected)
-    torch.testing.assert_close(out["indicators"].argmax(-1), out["selected_idx"])
+    assert torch.equal(out["indicator_support"], out["selected_idx"])
+    assert torch.equal(out["indicator_weights"], torch.eye(2).expand(2, 2, 2))
 
 
 def test_gradient_reaches_the_scorer_only_through_the_indicators_in_training():

@@ -8,7 +8,7 @@ import torch
 import needlework.topk.perturbed as perturbed_mod
 from needlework.profiling import saved_tensor_bytes
 from needlework.topk import hard_topk, normalize_scores, perturbed_topk
-from needlework.topk.perturbed import draw_noise, noise_seed
+from needlework.topk.perturbed import draw_noise, noise_seed, perturbed_topk_support
 from needlework.topk.reference import perturbed_topk_dense
 
 
@@ -207,6 +207,64 @@ def test_no_operation_allocates_more_than_order_n(monkeypatch):
     chunk = max(1, 10_000 // (b * n)) * b * n  # one noise chunk
     assert max(sizes) <= max(chunk, b * k * n, b * s * k)
     assert max(sizes) < b * s * n  # never the full noise, let alone (B, S, k, N) or (B, k, N, N)
+
+
+# ---------------------------------------------------------------- the support form
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("jacobian", ["outer", "diagonal", "outer_times_k"])
+def test_support_form_equals_the_dense_operator(dtype, jacobian):
+    """Same seed: the weights are the dense indicators at the support, every other column of the dense
+    output is zero, and the gradient for the same upstream (on the support) is identical."""
+    b, n, k, s = 3, 400, 4, 30
+    torch.manual_seed(0)
+    x = torch.randn(b, n, dtype=dtype)
+    x[1, :k] += 10.0  # row 1 always picks its first k: a support of k columns, padded to U
+    upstream = torch.randn(b, k, n, dtype=dtype)
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense = perturbed_topk(xd, k, 0.2, s, gen(3), jacobian=jacobian)
+    support, weights = perturbed_topk_support(xs, k, 0.2, s, gen(3), jacobian=jacobian)
+    assert support.dtype == torch.int64 and weights.shape == (b, k, support.shape[1])
+    assert support.shape[1] <= s * k
+    for r in range(b):
+        real = torch.unique(support[r])
+        assert torch.equal(support[r], torch.sort(support[r]).values)
+        outside = torch.ones(n, dtype=torch.bool)
+        outside[real] = False
+        assert not dense[r][:, outside].any()  # the support holds every non-zero column
+        torch.testing.assert_close(weights[r][:, : len(real)], dense[r][:, real], rtol=0, atol=0)
+        assert not weights[r][:, len(real) :].any()  # padding weighs nothing
+    assert torch.equal(support[1, :k], torch.arange(k)) and (support[1, k:] == k - 1).all()
+    (dense * upstream).sum().backward()
+    (weights * upstream.gather(2, support.unsqueeze(1).expand(-1, k, -1))).sum().backward()
+    torch.testing.assert_close(xs.grad, xd.grad)
+
+
+def test_support_form_hard_path_and_memory():
+    x = torch.randn(2, 50, requires_grad=True)
+    support, weights = perturbed_topk_support(x, 3, 0.1, 20, training=False)
+    assert torch.equal(support, hard_topk(x.detach(), 3).argmax(-1))
+    assert torch.equal(weights, torch.eye(3).expand(2, 3, 3)) and not weights.requires_grad
+    support, weights = perturbed_topk_support(x, 3, 0.0, 20)
+    assert support.shape == (2, 3)
+    b, n, k, s = 1, 100_000, 8, 50
+    x = torch.randn(b, n, requires_grad=True)
+    (support, weights), nbytes = saved_tensor_bytes(lambda: perturbed_topk_support(x, k, 0.05, s, gen(0)))
+    assert nbytes == 2 * b * s * k * 8  # sampled indices and their positions in the support
+    assert weights.numel() <= b * k * s * k  # never (B, k, N)
+    weights.sum().backward()
+    assert x.grad.shape == (b, n)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(k=0), "k must be"), (dict(sigma=-1.0), "sigma must be"), (dict(jacobian="x"), "jacobian")],
+)
+def test_support_form_checks_its_arguments(kwargs, match):
+    args = dict(scores=torch.randn(2, 5), k=2, sigma=0.1, n_samples=10) | kwargs
+    with pytest.raises(ValueError, match=match):
+        perturbed_topk_support(**args)
 
 
 # ---------------------------------------------------------------- errors

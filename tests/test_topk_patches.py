@@ -13,8 +13,10 @@ from needlework.topk import (
     hard_patches,
     hard_topk,
     perturbed_topk,
+    perturbed_topk_support,
     soft_patches,
     support_indices,
+    support_patches,
 )
 
 
@@ -100,6 +102,25 @@ def test_soft_patches_equals_dense_mixture_and_gives_the_same_score_gradient():
     torch.testing.assert_close(grads[0][0], grads[1][0])
     # the perturbed top-K backward reads ∂L/∂Ŷ only on the support, so the sparse form is exact
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_support_patches_from_the_support_form_equal_soft_patches():
+    """Patches and score gradient of the support form equal those of the dense indicators (same seed)."""
+    torch.manual_seed(2)
+    image = torch.rand(2, 3, 48, 64, dtype=torch.float64)
+    candidates = cell_coords((48, 64), (6, 8), 12)
+    scores = torch.randn(2, 48, dtype=torch.float64)
+    weight = torch.randn(2, 3, 3, 12, 12, dtype=torch.float64)
+    s1, s2 = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    x1 = soft_patches(image, perturbed_topk(s1, 3, 0.3, 40, torch.Generator().manual_seed(5)), candidates, 12)
+    support, w = perturbed_topk_support(s2, 3, 0.3, 40, torch.Generator().manual_seed(5))
+    x2 = support_patches(image, support, w, candidates, 12)
+    torch.testing.assert_close(x2, x1)
+    (x1 * weight).sum().backward()
+    (x2 * weight).sum().backward()
+    torch.testing.assert_close(s2.grad, s1.grad)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        support_patches(image, support, w[:, :, :1], candidates, 12)
 
 
 def test_soft_patches_only_cuts_the_support():

@@ -216,5 +216,5 @@ def test_openslide_handles_share_one_bounded_cache_per_process(cohort, monkeypat
         assert pool.apply(_cache_is_this_process)  # the child's cache, not the parent's
     monkeypatch.setattr(backends_mod, "_CACHE", None)
     monkeypatch.setenv("NEEDLEWORK_OPENSLIDE_CACHE_MB", "lots")
-    with pytest.raises(ValueError, match="NEEDLEWORK_OPENSLIDE_CACHE_MB='lots'.*MiB"):
+    with pytest.raises(ValueError, match=r"NEEDLEWORK_OPENSLIDE_CACHE_MB='lots'.*MiB"):
         open_slide(a_path, "openslide")

@@ -2,8 +2,9 @@
 
 Pipeline: a small CNN scores a grid of cells on the low-resolution view; the scores are min-max
 normalised and the perturbed top-K (:func:`needlework.topk.perturbed_topk`, correct outer-product
-Jacobian) turns them into indicators ``Ŷ (B, K, N)``; patch k of the high-resolution image is the soft
-mixture ``Σ_n Ŷ[k, n] · patch_n`` (cut on the indicators' support only) during training and the hard
+Jacobian) turns them into indicators ``Ŷ (B, K, N)``, kept on their support only (the candidates some
+noise draw selected: no ``(B, K, N)`` tensor, which a slide's 611k cells would make 20 MB); patch k of the
+high-resolution image is the soft mixture ``Σ_n Ŷ[k, n] · patch_n`` during training and the hard
 top-K patch at evaluation; a patch CNN embeds the K patches and a transformer (positional encoding of
 slot k = ``Σ_n Ŷ[k, n] E[n]``), max or mean aggregates them.
 """
@@ -21,9 +22,10 @@ from needlework.checks import check_shape
 from needlework.models.base import NeedleworkModel
 from needlework.models.patch_cnn import build_patch_encoder
 from needlework.models.positional import sinusoidal_2d
+from needlework.ops.patches import extract_patches
 from needlework.ops.tiled import tiled_map, unit_float
 from needlework.registry import register_model
-from needlework.topk import PerturbedTopK, cell_coords, hard_patches, soft_patches, sorted_topk_indices
+from needlework.topk import PerturbedTopK, cell_coords, sorted_topk_indices, support_patches
 
 AGGREGATIONS = ("transformer", "max", "mean")
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
@@ -93,7 +95,9 @@ class DPS(NeedleworkModel):
         entropy_weight: λ ≥ 0 maximising the entropy of ``softmax(scores)`` (METHODS.md §1.3).
 
     ``forward(x_low, x_high)`` with ``x_low (B, C, h, w)`` (optional) and ``x_high (B, C, H, W)`` returns
-    ``logits (B, C)``, ``indicators (B, K, N)``, ``attention (B, N)`` = softmax of the scores, ``scores``,
+    ``logits (B, C)``, the indicators on their support — ``indicator_support (B, U)`` candidate indices and
+    ``indicator_weights (B, K, U)`` = ``Ŷ[:, :, support]`` (in eval the top-K and the identity) —,
+    ``attention (B, N)`` = softmax of the scores, ``scores``,
     ``selected_idx (B, K)`` (hard top-K of the scores, by position), ``selected_coords (B, K, 2)`` (top-left
     ``(x, y)`` in ``x_high`` pixels), ``candidate_coords (N, 2)``, ``embedding (B, D)`` and ``aux_loss``.
     ``x_high`` may be a lazy slide (:class:`~needlework.slides.patch_reader.SlidePixels`) with ``x_low``.
@@ -172,13 +176,13 @@ class DPS(NeedleworkModel):
             self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
-    def _aggregate(self, tokens: torch.Tensor, indicators: torch.Tensor) -> torch.Tensor:
+    def _aggregate(self, tokens: torch.Tensor, support: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.aggregation == "max":
             return tokens.max(dim=1).values
         if self.aggregation == "mean":
             return tokens.mean(dim=1)
         if self.pos_encoding != "none":  # slot k's position = Σ_n Ŷ[k, n] E[n] ("Dense(indicators)")
-            tokens = tokens + indicators.to(tokens.dtype) @ self.pos_table
+            tokens = tokens + torch.bmm(weights.to(tokens.dtype), self.pos_table[support])
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return self.norm(self.transformer(torch.cat([cls, tokens], dim=1))[:, 0])
 
@@ -202,19 +206,20 @@ class DPS(NeedleworkModel):
             )
         candidates = cell_coords((sizes["H"], sizes["W"]), grid, self.patch_size, device=x_high.device)
         scores = self.scorer(x_low, None if self.cell_size is None else grid)  # (B, N)
-        indicators = self.topk(scores)  # soft in training, hard in eval
+        support, weights = self.topk.support(scores)  # soft in training; hard (the top-K) in eval
         idx = sorted_topk_indices(scores.detach(), self.k)
         if self.training:
-            patches = soft_patches(x_high, indicators, candidates, self.patch_size)
+            patches = support_patches(x_high, support, weights, candidates, self.patch_size)
         else:
-            patches = hard_patches(x_high, idx, candidates, self.patch_size)
+            patches = extract_patches(x_high, candidates[idx], self.patch_size)
         b = sizes["B"]
         tokens = self.encoder(patches.flatten(0, 1)).view(b, self.k, -1)
-        embedding = self._aggregate(tokens, indicators)
+        embedding = self._aggregate(tokens, support, weights)
         probs = scores.softmax(dim=-1)
         out: dict[str, Any] = {
             "logits": self.head(embedding),
-            "indicators": indicators,
+            "indicator_support": support,
+            "indicator_weights": weights,
             "attention": probs,
             "scores": scores,
             "selected_idx": idx,

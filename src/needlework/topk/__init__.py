@@ -7,13 +7,14 @@ the correct outer-product Jacobian ``E[Y Zᵀ]/σ`` computed from the sampled in
 
 from needlework.ops.grids import cell_coords, grid_coords
 from needlework.ops.patches import extract_patches
-from needlework.topk.indicator_patches import hard_patches, soft_patches, support_indices
+from needlework.topk.indicator_patches import hard_patches, soft_patches, support_indices, support_patches
 from needlework.topk.module import SCHEDULES, PerturbedTopK, scheduled_sigma
 from needlework.topk.perturbed import (
     JACOBIANS,
     hard_topk,
     normalize_scores,
     perturbed_topk,
+    perturbed_topk_support,
     sorted_topk_indices,
 )
 
@@ -28,8 +29,10 @@ __all__ = [
     "hard_topk",
     "normalize_scores",
     "perturbed_topk",
+    "perturbed_topk_support",
     "scheduled_sigma",
     "soft_patches",
     "sorted_topk_indices",
     "support_indices",
+    "support_patches",
 ]

@@ -5,6 +5,7 @@ pixels outside the image read as zero. A candidate grid is an ``(N, 2)`` int64 t
 ``n`` of an ``(gh, gw)`` grid is cell ``(n // gw, n % gw)`` (row-major).
 
 * :func:`extract_patches` — ``(B, K, C, Ph, Pw)`` at integer coordinates (re-exported from ``ats``).
+* :func:`support_patches` — the same from indicators given on their support only.
 * :func:`soft_patches` — DPS patches ``X_k = Σ_n Ŷ[k, n] · patch_n`` computed on the support of the
   indicators only (METHODS.md §5.2): the patches of cells that no noise draw selected are never cut.
 """
@@ -59,7 +60,28 @@ def soft_patches(
     check_shape(candidates, [str(sizes["N"]), "2"], "candidates")
     support = support_indices(indicators)  # (B, U)
     weights = indicators.gather(2, support.unsqueeze(1).expand(-1, sizes["k"], -1))  # (B, k, U)
-    patches = extract_patches(image, candidates.to(image.device)[support], patch_size)  # (B, U, C, Ph, Pw)
+    return support_patches(image, support, weights, candidates, patch_size)
+
+
+def support_patches(
+    image: torch.Tensor,
+    support: torch.Tensor,
+    weights: torch.Tensor,
+    candidates: torch.Tensor,
+    patch_size: int | tuple[int, int],
+) -> torch.Tensor:
+    """``X_k = Σ_u weights[k, u] · patch_{support[u]}`` ``(B, k, C, Ph, Pw)``: :func:`soft_patches` for
+    indicators given on their support (:func:`~needlework.topk.perturbed.perturbed_topk_support`).
+
+    Args:
+        image: ``(B, C, H, W)`` (or a lazy slide raster that :func:`extract_patches` reads).
+        support: ``(B, U)`` candidate indices; weights: ``(B, k, U)``; candidates: ``(N, 2)`` top-left
+            ``(x, y)``.
+    """
+    sizes = check_shape(support, ["B", "U"], "support")
+    check_shape(weights, [str(sizes["B"]), "k", str(sizes["U"])], "weights")
+    check_shape(candidates, ["N", "2"], "candidates")
+    patches = extract_patches(image, candidates.to(support.device)[support], patch_size)  # (B, U, C, Ph, Pw)
     return torch.einsum("bku,bu...->bk...", weights.to(patches.dtype), patches)
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from needlework.topk.perturbed import JACOBIANS, perturbed_topk
+from needlework.topk.perturbed import JACOBIANS, perturbed_topk, perturbed_topk_support
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -99,6 +99,25 @@ class PerturbedTopK(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.step += 1
         return perturbed_topk(
+            scores,
+            self.k,
+            sigma,
+            self.n_samples,
+            generator,
+            training=self.training,
+            normalize=self.normalize,
+            jacobian=self.jacobian,
+        )
+
+    def support(
+        self, scores: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scores (B, N)`` → ``support (B, U)``, ``weights (B, k, U)`` (see
+        :func:`~needlework.topk.perturbed.perturbed_topk_support`): no ``(B, k, N)`` tensor."""
+        sigma = self.sigma
+        if self.training and torch.is_grad_enabled():
+            self.step += 1
+        return perturbed_topk_support(
             scores,
             self.k,
             sigma,
