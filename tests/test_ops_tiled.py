@@ -72,6 +72,33 @@ def test_dps_scorer_tiled_equals_whole():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("tile", [16, 20])
+def test_dps_scorer_pools_each_tile_when_cells_are_whole_squares(tile):
+    """Cells of 4 × 4 px: the tile-pooled path equals the whole map's adaptive max pool, values and
+    gradients, and the full-resolution one-channel map (or its gradient) is never built."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    whole = _randomise(Scorer(3, (4, 8), (16, 24))).double()
+    tiled = _randomise(Scorer(3, (4, 8), (16, 24), tile=tile)).double()
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    shapes: list[tuple] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.extend(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                          if isinstance(t, torch.Tensor))  # fmt: skip
+            return out
+
+    w = torch.randn(1, 16 * 24, dtype=torch.float64)
+    with Spy():
+        tiled_grads = _grads(tiled, x, w)
+    torch.testing.assert_close(tiled(x), whole(x))
+    for a, b in zip(tiled_grads[1], _grads(whole, x, w)[1]):
+        torch.testing.assert_close(a, b)
+    assert (1, 1, 64, 96) not in shapes
+
+
 def test_tiled_map_gradcheck():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2)).double()
     x = torch.randn(1, 2, 14, 18, dtype=torch.float64, requires_grad=True)

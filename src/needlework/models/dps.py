@@ -35,7 +35,8 @@ class Scorer(nn.Module):
     """3×3 ReLU convolutions + a 1×1 convolution to one channel, max-pooled to the selection grid.
 
     With ``tile`` set, the convolutions run tile by tile on inputs larger than ``tile`` px
-    (:func:`~needlework.ops.tiled.tiled_map`, exact); only the one-channel map is held whole.
+    (:func:`~needlework.ops.tiled.tiled_map`, exact); when the grid's cells are whole squares of ``x_low``
+    pixels each tile is max-pooled at once, else the one-channel map is held whole and pooled.
     """
 
     def __init__(
@@ -62,8 +63,18 @@ class Scorer(nn.Module):
     def forward(self, x_low: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``(B, C, h, w)`` float or uint8 → scores ``(B, gh·gw)`` (row-major cells of ``grid``, default
         the fixed one)."""
-        out = self._map(x_low) if self.tile is None else tiled_map(self._map, x_low, self.tile, self.halo)
-        return (F.adaptive_max_pool2d(out, grid) if grid is not None else self.pool(out)).flatten(1)
+        gh, gw = grid if grid is not None else self.pool.output_size
+        h, w = x_low.shape[-2:]
+        if self.tile is None:
+            return F.adaptive_max_pool2d(self._map(x_low), (gh, gw)).flatten(1)
+        if h % gh == 0 and w % gw == 0 and h // gh == w // gw:
+            # cells of s × s px: each tile is pooled as it is computed, so neither the full-resolution
+            # one-channel map nor its gradient ever exists (on a slide's view, 39 MB each)
+            s = h // gh
+            pooled = tiled_map(lambda t: F.max_pool2d(self._map(t), s), x_low, self.tile, self.halo, s)
+            return pooled.flatten(1)
+        out = tiled_map(self._map, x_low, self.tile, self.halo)
+        return F.adaptive_max_pool2d(out, (gh, gw)).flatten(1)
 
 
 @register_model("dps")
