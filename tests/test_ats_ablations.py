@@ -192,9 +192,21 @@ def test_all_patches_mil_sees_the_patches_ats_samples(ablations):
     assert out["attention_map"].shape == (1, 4, 4) and out["logits"].shape == (1, 2)
 
 
+def test_needle_recipe_on_megapixel_mnist_starts_on_a_crowded_canvas(ablations, tmp_path):
+    data = _run(ablations, tmp_path, "--study", "mil", "--recipe", "needle", "--epochs", "3")
+    entry = data["studies"]["mil/megapixel_mnist300/tiny-needle"]
+    assert entry["setup"]["lr"] == 3e-3 and sorted(entry["runs"]) == ["ATS", "attention-MIL"]
+    for run in entry["runs"].values():
+        # epochs at 0, 1/3 and 2/3 of the run: the 200² stage, then 350² capped at the 300² target
+        assert [e["canvas"] for e in run["epochs"]] == [200, 300, 300]
+        assert len(run["epochs"][0]["maps"][0]) == (300 // 50) ** 2
+    setup = ablations.Setup("megapixel_mnist", 500, 8, 8, 4, 2, 4, 4, 2, 1.0, recipe="needle")
+    assert [ablations.stage_canvas(setup, f) for f in (0.0, 0.2, 0.5)] == [200, 350, 500]
+
+
 def test_needle_recipe_needs_needle_mnist_and_a_known_cell(ablations, tmp_path):
-    with pytest.raises(SystemExit, match="need --canvas"):
-        _run(ablations, tmp_path, "--study", "entropy", "--recipe", "needle")
+    with pytest.raises(SystemExit, match="--cell needs --canvas"):
+        _run(ablations, tmp_path, "--study", "entropy", "--cell", "32")
     with pytest.raises(SystemExit, match="--cell 48"):
         _run(ablations, tmp_path, "--study", "entropy", "--canvas", "128", "--cell", "48")
 
