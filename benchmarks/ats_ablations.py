@@ -113,6 +113,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
     for name in ("epoch_images", "test", "probes", "channels", "batch", "epochs"):
         if getattr(args, name) is not None:
             preset[name] = getattr(args, name)
+    if args.minutes > 0 and args.epochs is None:
+        preset["epochs"] = 10**9  # a time budget alone ends the run (the preset's 200 epochs cut one short)
     if args.canvas is None:
         dataset, canvas = "megapixel_mnist", 300 if args.tiny else 500
         if args.cell:

@@ -204,6 +204,15 @@ def test_needle_recipe_on_megapixel_mnist_starts_on_a_crowded_canvas(ablations, 
     assert [ablations.stage_canvas(setup, f) for f in (0.0, 0.2, 0.5)] == [200, 350, 500]
 
 
+def test_a_time_budget_is_not_cut_short_by_the_preset_epochs(ablations):
+    parse = ablations.argparse.Namespace
+    base = dict(tiny=False, canvas=None, recipe="reference", cell=0, lr=None, epoch_images=None, test=None,
+                probes=None, channels=None, batch=None)  # fmt: skip
+    assert ablations.make_setup(parse(**base, minutes=50.0, epochs=None)).epochs > 10**6
+    assert ablations.make_setup(parse(**base, minutes=50.0, epochs=30)).epochs == 30
+    assert ablations.make_setup(parse(**base, minutes=0.0, epochs=None)).epochs == 200
+
+
 def test_needle_recipe_needs_needle_mnist_and_a_known_cell(ablations, tmp_path):
     with pytest.raises(SystemExit, match="--cell needs --canvas"):
         _run(ablations, tmp_path, "--study", "entropy", "--cell", "32")
