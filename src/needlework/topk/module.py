@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,12 +94,11 @@ class PerturbedTopK(nn.Module):
             progress = int(self.step) / float(self.total_steps or 1)
         return scheduled_sigma(self.schedule, self.sigma0, progress, self.sigma_end)
 
-    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``scores (B, N)`` → indicators ``(B, k, N)``."""
+    def _call(self, op: Any, scores: torch.Tensor, generator: torch.Generator | None) -> Any:
         sigma = self.sigma
         if self.training and torch.is_grad_enabled():
             self.step += 1
-        return perturbed_topk(
+        return op(
             scores,
             self.k,
             sigma,
@@ -109,24 +109,16 @@ class PerturbedTopK(nn.Module):
             jacobian=self.jacobian,
         )
 
+    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``scores (B, N)`` → indicators ``(B, k, N)``."""
+        return self._call(perturbed_topk, scores, generator)
+
     def support(
         self, scores: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``scores (B, N)`` → ``support (B, U)``, ``weights (B, k, U)`` (see
         :func:`~needlework.topk.perturbed.perturbed_topk_support`): no ``(B, k, N)`` tensor."""
-        sigma = self.sigma
-        if self.training and torch.is_grad_enabled():
-            self.step += 1
-        return perturbed_topk_support(
-            scores,
-            self.k,
-            sigma,
-            self.n_samples,
-            generator,
-            training=self.training,
-            normalize=self.normalize,
-            jacobian=self.jacobian,
-        )
+        return self._call(perturbed_topk_support, scores, generator)
 
     def extra_repr(self) -> str:
         return (
