@@ -115,7 +115,7 @@ def run_worker(method: str, slide: str, args: argparse.Namespace) -> dict[str, A
         ds = SlideImageDataset(
             "all", slides_dir=str(Path(slide).parent), labels_csv=str(labels), low_mpp=args.low_mpp,
             high_mpp=high_mpp, patch_size=data["patch_size"], max_low_side=args.max_low_side, cache=False,
-            label_map={"0": 0, "1": 1}, size=1,
+            label_map={"0": 0, "1": 1}, size=1, low_image=data.get("low_image", True),
         )  # fmt: skip
         task = ClassificationTask(**cfg["task"]).to(device).train()
         opt = task.configure_optimizers()
@@ -131,7 +131,8 @@ def run_worker(method: str, slide: str, args: argparse.Namespace) -> dict[str, A
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            info["x_low"] = list(batch["x_low"].shape[1:])
+            info["x_low"] = [3, *batch["tissue"].shape[2:]]  # the low view, in the batch or not
+            info["x_low_in_batch"] = "x_low" in batch
             info["x_high"] = list(batch["x_high"].size)
             info["tissue_fraction_low"] = float(batch["tissue"].float().mean())
             if "candidate_coords" in out:  # IPS: tissue patches scanned; DPS: cells scored

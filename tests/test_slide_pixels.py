@@ -277,3 +277,25 @@ def test_a_batch_of_one_slide_is_not_copied(cohort):
     assert batch["x_low"].shape == (1, *item["x_low"].shape) and batch["x_low"].dtype == torch.uint8
     assert batch["x_low"].data_ptr() == item["x_low"].data_ptr()
     assert batch["tissue"].data_ptr() == item["tissue"].data_ptr()
+
+
+def test_items_without_the_low_image_batch_alike(cohort):
+    """``low_image=False`` (IPS): no ``x_low`` in items or batches; the tissue mask, ``x_high`` and the
+    candidates IPS scans are those of the full items."""
+    import needlework
+
+    full = SlideImageDataset("all", **_kwargs(cohort))
+    lean = SlideImageDataset("all", **_kwargs(cohort), low_image=False)
+    assert "x_low" not in lean[0] and "x_low" in full[0]
+    for n in (1, 2):
+        a = collate_slide_pixels([full[i] for i in range(n)])
+        b = collate_slide_pixels([lean[i] for i in range(n)])
+        assert "x_low" not in b and set(a) - set(b) == {"x_low"}
+        assert torch.equal(a["tissue"], b["tissue"]) and a["x_high"].size == b["x_high"].size
+    model = needlework.create_model(
+        "ips", in_channels=3, patch_size=32, n_keep=3, chunk_size=8, dim=16, d_k=8, n_heads=2, d_inner=32
+    )
+    assert torch.equal(
+        model(x_high=a["x_high"], tissue=a["tissue"])["candidate_coords"],
+        model(x_high=b["x_high"], tissue=b["tissue"])["candidate_coords"],
+    )

@@ -180,3 +180,20 @@ def test_training_finds_the_needles_on_a_toy_task():
     assert (out["logits"].argmax(-1) == y).float().mean() > 0.8
     bright = extract_patches(x, out["selected_coords"], 8).amax(dim=(2, 3, 4)) > 0.5
     assert bright.float().mean() > 0.4  # kept patches are mostly bars (4 of 64 = 6 % at random)
+
+
+@pytest.mark.parametrize(
+    "patch, stride, hw, low", [(32, 32, (200, 296), (50, 74)), (16, 8, (96, 64), (13, 9))]
+)
+def test_grid_tissue_candidates_equal_the_whole_grid_test(patch, stride, hw, low):
+    """Same coordinates, same order as tissue_candidates over grid_coords; the blank-slide fallback too."""
+    from needlework.models.ips import grid_tissue_candidates, tissue_candidates
+
+    g = torch.Generator().manual_seed(0)
+    for density in (0.02, 0.3, 0.0):
+        tissue = (torch.rand(2, 1, *low, generator=g) < density).to(torch.uint8)
+        whole = tissue_candidates(grid_coords(hw, patch, stride), tissue, hw, patch, minimum=3)
+        fast = grid_tissue_candidates(hw, patch, stride, tissue, minimum=3)
+        assert torch.equal(fast, whole), density
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        grid_tissue_candidates((10, 10), 16, 16, tissue)

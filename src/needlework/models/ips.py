@@ -91,6 +91,31 @@ def tissue_candidates(
     return coords[keep]
 
 
+def grid_tissue_candidates(
+    image_hw: tuple[int, int], patch_size: int, stride: int, tissue: torch.Tensor, minimum: int = 1
+) -> torch.Tensor:
+    """:func:`tissue_candidates` of :func:`~needlework.ops.grids.grid_coords` ``(image_hw, patch_size,
+    stride)``, the same coordinates in the same order, without building the whole grid: a patch's mask
+    row depends only on its grid row and its column only on its grid column, so the test is one
+    ``(gh, gw)`` lookup. (On a 100,000² slide the grid has 611k patches: the grid, its centres and the
+    whole-mask copy were 40 MB for the 61k on tissue.)"""
+    img_h, img_w = image_hw
+    if min(img_h, img_w) < patch_size:
+        raise ValueError(f"image of size {image_hw} is smaller than patch_size {patch_size}")
+    t = tissue.reshape(tissue.shape[0], tissue.shape[-2], tissue.shape[-1]).detach()
+    h, w = t.shape[-2:]
+    ys = torch.arange(0, img_h - patch_size + 1, stride)
+    xs = torch.arange(0, img_w - patch_size + 1, stride)
+    row = ((ys.to(torch.float64) + patch_size / 2) * h / img_h).long().clamp(0, h - 1)
+    col = ((xs.to(torch.float64) + patch_size / 2) * w / img_w).long().clamp(0, w - 1)
+    keep = (t[:, row.to(t.device)][:, :, col.to(t.device)] > 0).any(0).cpu()  # (gh, gw)
+    i, j = keep.nonzero(as_tuple=True)  # row-major, as grid_coords
+    if not len(i):
+        n = torch.arange(min(max(1, minimum), len(ys) * len(xs)))
+        i, j = n // len(xs), n % len(xs)
+    return torch.stack([xs[j], ys[i]], dim=1).to(tissue.device)
+
+
 @register_model("ips")
 class IPS(NeedleworkModel):
     """Iterative Patch Selection with one or several tasks.
@@ -208,9 +233,12 @@ class IPS(NeedleworkModel):
 
     def forward(self, x_high: torch.Tensor, tissue: torch.Tensor | None = None) -> dict[str, Any]:
         sizes = check_shape(x_high, ["B", str(self.in_channels), "H", "W"], "x_high")
-        coords = grid_coords((sizes["H"], sizes["W"]), self.patch_size, self.patch_stride, x_high.device)
+        hw = (sizes["H"], sizes["W"])
         if tissue is not None:  # scan only the patches on tissue: the cost follows the tissue, not the slide
-            coords = tissue_candidates(coords, tissue, (sizes["H"], sizes["W"]), self.patch_size, self.n_keep)
+            coords = grid_tissue_candidates(hw, self.patch_size, self.patch_stride, tissue, self.n_keep)
+            coords = coords.to(x_high.device)
+        else:
+            coords = grid_coords(hw, self.patch_size, self.patch_stride, x_high.device)
         idx = self.select(x_high, coords)  # (B, M)
         emb = self._embed(x_high, coords, idx)  # with gradient, train mode
         pooled, attn = self.aggregator(emb)  # (B, T, D), (B, H, T, M)
