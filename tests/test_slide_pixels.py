@@ -299,3 +299,31 @@ def test_items_without_the_low_image_batch_alike(cohort):
         model(x_high=a["x_high"], tissue=a["tissue"])["candidate_coords"],
         model(x_high=b["x_high"], tissue=b["tissue"])["candidate_coords"],
     )
+
+
+def test_a_large_view_is_segmented_on_a_coarser_copy(cohort):
+    """Views wider than ``segment_max_side`` are segmented on an area-downsampled copy (the same function
+    on it, the mask scaled back by nearest neighbour); smaller views exactly as before; the coarser mask
+    agrees with the full one on nearly every pixel."""
+    import cv2
+
+    from needlework.slides.pixel_data import low_resolution_view, tissue_at_most
+    from needlework.slides.tissue import TissueParams, segment_tissue
+
+    slide = open_slide(_slide_path(cohort))
+    params = TissueParams(min_area_um2=0)
+    full = low_resolution_view(slide, 2.0, tissue=params, segment_max_side=4096)
+    h, w = full.tissue.shape
+    assert max(h, w) >= 64
+    assert np.array_equal(full.tissue, segment_tissue(full.image, full.mpp, params))
+    coarse = low_resolution_view(slide, 2.0, tissue=params, segment_max_side=max(h, w) // 3)
+    assert np.array_equal(coarse.image, full.image) and coarse.tissue.shape == (h, w)
+    small = cv2.resize(full.image, (-(-w // 3), -(-h // 3)), interpolation=cv2.INTER_AREA)
+    mpp = full.mpp * (h / small.shape[0] + w / small.shape[1]) / 2
+    small_mask = segment_tissue(small, mpp, params).view(np.uint8)
+    up = cv2.resize(small_mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(coarse.tissue, up.view(bool))
+    assert full.tissue.any() and (coarse.tissue == full.tissue).mean() > 0.95
+    assert np.array_equal(tissue_at_most(full.image, full.mpp, params, 10**6), full.tissue)
+    with pytest.raises(ValueError, match="segment_max_side"):
+        low_resolution_view(slide, 2.0, segment_max_side=0)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -42,12 +43,14 @@ from needlework.slides.reader import SlideReader, list_slides, slide_id_of
 from needlework.slides.tissue import TissueParams, segment_tissue
 
 __all__ = [
+    "SEGMENT_MAX_SIDE",
     "LowView",
     "SlideImageDataset",
     "collate_slide_pixels",
     "low_resolution_view",
     "pixel_canvas",
     "pixel_item",
+    "tissue_at_most",
 ]
 
 
@@ -63,19 +66,50 @@ class LowView:
     mpp: float
 
 
+#: longest side of the image the tissue is segmented on: a larger view is area-downsampled by a whole
+#: factor first and the mask is scaled back up (nearest), so the segmentation's memory stays flat in the
+#: slide's size (it needed 76 MB on a 3,125² view, about 2.5× the view itself); thumbnails of this size
+#: are what tissue segmenters (CLAM's among them) usually work on.
+SEGMENT_MAX_SIDE = 2048
+
+
 def low_resolution_view(
-    slide: SlideReader, low_mpp: float, max_side: int = 4096, tissue: TissueParams | None = None
+    slide: SlideReader,
+    low_mpp: float,
+    max_side: int = 4096,
+    tissue: TissueParams | None = None,
+    segment_max_side: int = SEGMENT_MAX_SIDE,
 ) -> LowView:
     """``slide`` at ``low_mpp`` µm/px (longest side at most ``max_side``) with its tissue mask.
 
     Reads the pyramid level with the largest downsample not above the requested one, in blocks when
-    that level is large, and area-resizes (OpenCV ``INTER_AREA``).
+    that level is large, and area-resizes (OpenCV ``INTER_AREA``). The mask is segmented on the view, or
+    on the view area-downsampled by the smallest whole factor that brings it to ``segment_max_side`` px.
     """
     if low_mpp <= 0:
         raise ValueError(f"low_mpp must be positive, got {low_mpp}")
+    if segment_max_side < 1:
+        raise ValueError(f"segment_max_side must be >= 1 px, got {segment_max_side}")
     image, (dx, dy) = slide.thumbnail_at_mpp(low_mpp, max_side, resize="area")
     mpp = slide.mpp * (dx + dy) / 2
-    return LowView(image, segment_tissue(image, mpp, tissue), (dx, dy), mpp)
+    return LowView(image, tissue_at_most(image, mpp, tissue, segment_max_side), (dx, dy), mpp)
+
+
+def tissue_at_most(
+    image: np.ndarray, mpp: float, params: TissueParams | None, max_side: int
+) -> np.ndarray:
+    """Tissue mask ``(h, w)`` bool of ``image`` ``(h, w, 3)`` uint8, segmented at most ``max_side`` px
+    wide (see :data:`SEGMENT_MAX_SIDE`)."""
+    h, w = image.shape[:2]
+    factor = math.ceil(max(h, w) / max_side)
+    if factor <= 1:
+        return segment_tissue(image, mpp, params)
+    sh, sw = math.ceil(h / factor), math.ceil(w / factor)
+    small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+    mask = segment_tissue(small, mpp * (h / sh + w / sw) / 2, params)
+    del small
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    return cv2.resize(mask.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
 
 
 @register_dataset("slide_images")
