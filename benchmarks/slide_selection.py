@@ -203,14 +203,14 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
+    for i, method in enumerate(METHODS):
         pts = [r for r in rows if r["method"] == method and "error" not in r]
         if not pts:
             continue
-        sides = [r["side"] for r in pts]
-        axes[0].plot(sides, [r["peak_mb"] for r in pts], "o-", label=f"{method} peak RSS")
-        axes[0].plot(sides, [r["increment_mb"] for r in pts], "o--", label=f"{method} step increment")
-        axes[1].plot(sides, [r["step_s"] for r in pts], "o-", label=method)
+        sides, c = [r["side"] for r in pts], f"C{i}"  # one colour per method in both panels
+        axes[0].plot(sides, [r["peak_mb"] for r in pts], "o-", color=c, label=f"{method} peak RSS")
+        axes[0].plot(sides, [r["increment_mb"] for r in pts], "o--", color=c, label=f"{method} increment")
+        axes[1].plot(sides, [r["step_s"] for r in pts], "o-", color=c, label=method)
     for ax, ylabel in zip(axes, ("memory (MB)", "one training step (s)")):
         ax.set_xscale("log")
         ax.set_xlabel("slide side (level-0 px, 0.25 µm/px)")
