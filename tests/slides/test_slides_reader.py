@@ -218,3 +218,16 @@ def test_openslide_handles_share_one_bounded_cache_per_process(cohort, monkeypat
     monkeypatch.setenv("NEEDLEWORK_OPENSLIDE_CACHE_MB", "lots")
     with pytest.raises(ValueError, match=r"NEEDLEWORK_OPENSLIDE_CACHE_MB='lots'.*MiB"):
         open_slide(a_path, "openslide")
+
+
+def test_an_openslide_without_shared_caches_still_opens_slides(cohort, monkeypatch):
+    """OpenSlide before 4.0 cannot make an ``OpenSlideCache``: the slide opens with its own cache."""
+    import openslide
+
+    def refuse(*a, **k):
+        raise RuntimeError("simulated OpenSlide 3.4: no shared caches")
+
+    monkeypatch.setattr(backends_mod, "_CACHE", None)
+    monkeypatch.setattr(openslide, "OpenSlideCache", refuse)
+    with open_slide(cohort["slides_dir"] / "slide_000.tif", "openslide") as slide:
+        assert slide.backend == "openslide" and slide.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)

@@ -64,7 +64,14 @@ class OpenSlideReader(SlideReader):
 
         self.backend_version = f"{openslide.__version__} (library {openslide.__library_version__})"
         self._slide = openslide.OpenSlide(str(path))
-        self._slide.set_cache(openslide_cache())
+        try:
+            cache = openslide_cache()
+        except ValueError:  # a bad NEEDLEWORK_OPENSLIDE_CACHE_MB
+            raise
+        except Exception:  # OpenSlide before 4.0 has no shared caches: the slide keeps its own
+            cache = None
+        if cache is not None:
+            self._slide.set_cache(cache)
         self.level_dimensions = [tuple(map(int, d)) for d in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
 
