@@ -71,6 +71,12 @@ class CrossAttentionPool(nn.Module):
         return self.norm2(out + self.dropout(self.mlp(out))), attn
 
 
+def _low_index(pos: torch.Tensor, patch_size: int, low: int, full: int) -> torch.Tensor:
+    """Index along one axis of a ``low``-px mask of the pixel under the centre of patches at ``pos``
+    (corners on a ``full``-px axis of the same extent)."""
+    return ((pos.to(torch.float64) + patch_size / 2) * low / full).long().clamp(0, low - 1)
+
+
 def tissue_candidates(
     coords: torch.Tensor, tissue: torch.Tensor, image_hw: tuple[int, int], patch_size: int, minimum: int = 1
 ) -> torch.Tensor:
@@ -82,9 +88,8 @@ def tissue_candidates(
     """
     mask = tissue.reshape(tissue.shape[0], tissue.shape[-2], tissue.shape[-1]).detach() > 0
     h, w = mask.shape[-2:]
-    centre = coords.to(torch.float64) + patch_size / 2
-    col = (centre[:, 0] * w / image_hw[1]).long().clamp(0, w - 1)
-    row = (centre[:, 1] * h / image_hw[0]).long().clamp(0, h - 1)
+    col = _low_index(coords[:, 0], patch_size, w, image_hw[1])
+    row = _low_index(coords[:, 1], patch_size, h, image_hw[0])
     keep = mask[:, row.to(mask.device), col.to(mask.device)].any(0).to(coords.device)
     if not bool(keep.any()):
         return coords[: max(1, minimum)]
@@ -106,8 +111,7 @@ def grid_tissue_candidates(
     h, w = t.shape[-2:]
     ys = torch.arange(0, img_h - patch_size + 1, stride)
     xs = torch.arange(0, img_w - patch_size + 1, stride)
-    row = ((ys.to(torch.float64) + patch_size / 2) * h / img_h).long().clamp(0, h - 1)
-    col = ((xs.to(torch.float64) + patch_size / 2) * w / img_w).long().clamp(0, w - 1)
+    row, col = _low_index(ys, patch_size, h, img_h), _low_index(xs, patch_size, w, img_w)
     keep = (t[:, row.to(t.device)][:, :, col.to(t.device)] > 0).any(0).cpu()  # (gh, gw)
     i, j = keep.nonzero(as_tuple=True)  # row-major, as grid_coords
     if not len(i):
@@ -140,7 +144,7 @@ class IPS(NeedleworkModel):
     ``selected_idx (B, M)``, ``selected_coords (B, M, 2)``, ``candidate_coords (N, 2)`` (the scanned grid)
     and ``embedding (B, T, D)``. ``x_high`` may be a lazy slide (:class:`~needlework.slides.patch_reader.
     SlidePixels`); a ``tissue`` mask ``(B, 1, h, w)`` on a low view restricts the scan to the patches
-    on tissue (:func:`tissue_candidates`).
+    on tissue (:func:`grid_tissue_candidates`).
 
     Example:
         >>> m = IPS(num_classes=4, patch_size=8, n_keep=3, chunk_size=4, dim=32, d_k=8, n_heads=2)

@@ -272,19 +272,18 @@ def pixel_item(
     tissue = torch.zeros(1, ch, cw, dtype=torch.uint8)
     mask = torch.from_numpy(np.ascontiguousarray(view.tissue, dtype=bool))
     tissue[0, :h, :w] = mask
-    out: dict[str, Any] = {}
+    item: dict[str, Any] = {
+        "tissue": tissue,
+        "x_high": SlidePixels.from_low([reader], [view.downsample], (ch, cw), ratio),
+        "low_downsample": torch.tensor(view.downsample, dtype=torch.float64),
+    }
     if low_image:
         low = torch.zeros(3, ch, cw, dtype=torch.uint8)
         low[:, :h, :w] = torch.from_numpy(view.image).permute(2, 0, 1)
         if mask_low:
             low[:, :h, :w].mul_(mask)
-        out["x_low"] = low
-    return {
-        **out,
-        "tissue": tissue,
-        "x_high": SlidePixels.from_low([reader], [view.downsample], (ch, cw), ratio),
-        "low_downsample": torch.tensor(view.downsample, dtype=torch.float64),
-    }
+        item["x_low"] = low
+    return item
 
 
 @register_collate("slide_pixels")
