@@ -17,7 +17,12 @@ steps; the table shows medians with the inter-quartile range and the ratio ``pee
   forward + backward, 20,000 sites on a 512² map, scattered or compact, C = 32 and 128, with the neighbour
   table / rulebook rebuilt every step and reused. Both outputs are checked against a dense ``conv2d`` on the
   same weights first. (needlework has no strided ``SparseConv2d``; only the submanifold layer is compared.)
-* **CLAM** is not on the package registry: its figures are quoted in the README, not run here.
+* **Tiling** (``peers_tiling.py``): CLAM is not on the package registry, so its steps are written there with
+  OpenCV from its paper and documentation (HSV saturation, median blur, threshold, close, contours with
+  holes, area filters, four-point patch test) and timed against ``tile_slide`` on the same 16,384² JPEG
+  BigTIFF, at our 4 µm/px thumbnail and at CLAM's downsample of 64; then reading the kept tiles: CLAM's
+  ``read_region`` + RGB loop against our ``TileDataset`` through a ``DataLoader`` with 0 and 2 workers.
+  CLAM's own measured figures are quoted in the README.
 
 Run: ``PYTHONPATH=src python benchmarks/peers.py`` (``--quick`` for a seconds-long smoke run on tiny sizes);
 writes ``benchmarks/results/peers.json`` (``--out``) and prints a markdown table. Peers come from the
@@ -40,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers_cases import mil_case, peer_version, sparse_case
+from peers_tiling import tiling_case
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
 
@@ -103,6 +109,12 @@ def plan(quick: bool) -> list[dict[str, Any]]:
                         **sparse_kw,
                     }
                 )
+    tiling = {"suite": "tiling", "peer": "opencv-python-headless", **({"size": 2048} if quick else {})}
+    for seg_um in (4.0, 16.0):  # our default thumbnail, CLAM's (downsample 64 at 0.25 µm/px)
+        cases.append({**tiling, "step": "segment", "seg_um": seg_um})
+    for workers in (0, 2):  # a read of all tiles takes seconds: fewer repeats
+        few = {} if quick else {"reps": 5, "warmup": 1}
+        cases.append({**tiling, "step": "read", "workers": workers, **few})
     return cases
 
 
@@ -112,6 +124,8 @@ def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
     kw = {k: v for k, v in case.items() if k not in ("suite", "peer", "model", "bag_size", "reps", "warmup")}
     if case["suite"] == "mil":
         ours, peer, info = mil_case(case["model"], case["bag_size"], **kw)
+    elif case["suite"] == "tiling":
+        ours, peer, info = tiling_case(**kw)
     else:
         ours, peer, info = sparse_case(**kw)
     extra = info.pop("extra_steps", {})
@@ -129,6 +143,11 @@ def label(row: dict[str, Any]) -> str:
     if row["suite"] == "mil":
         variant = " (reference layer)" if row.get("matched") is False else ""
         return f"{row['model']}{variant} training step, bag {row['bag_size']:,} × {row.get('in_dim', 1024)}"
+    if row["suite"] == "tiling":
+        side = f"{row['slide_side']:,}²"
+        if row["step"] == "segment":
+            return f"tissue + grid, {side} slide, {row['seg_um']:g} µm/px thumbnail, vs CLAM's steps"
+        return f"reading {row['tiles']} tiles of 256², {side} slide, {row['workers']} workers, vs CLAM's loop"
     table = "table reused" if row["reuse_table"] else "table built per step"
     return f"SubMConv 3×3, C={row['channels']}, {row['layout']}, {table}"
 
@@ -147,7 +166,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "skipped"
         params = f"{r['params_ours']:,} / {r.get('params_peer', 0):,}" if "params_ours" in r else "—"
-        if r["suite"] == "mil":
+        if r["suite"] == "tiling":
+            if r["step"] == "segment":
+                check = f"tiles {r['tiles_ours']} / {r.get('tiles_peer', '—')}, IoU {r.get('tile_iou', '—')}"
+            else:
+                check = f"same pixels: {r.get('pixels_equal', '—')}"
+        elif r["suite"] == "mil":
             check = (
                 f"logits Δ {r['logit_max_abs_diff']:.1e}" if "logit_max_abs_diff" in r else "not comparable"
             )
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per side before timing")
     p.add_argument(
         "--suite",
-        choices=("all", "mil", "sparse_conv"),
+        choices=("all", "mil", "sparse_conv", "tiling"),
         default="all",
         help="run one suite only; its rows replace that suite's rows in --out, the others are kept",
     )

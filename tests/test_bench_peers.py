@@ -45,13 +45,19 @@ def test_time_pair_alternates_and_summarises(peers):
 
 
 def test_quick_run_skips_missing_peers_and_still_times_ours(peers, monkeypatch, tmp_path):
-    cases = importlib.import_module("peers_cases")
-    monkeypatch.setattr(cases, "try_import", lambda module: (None, f"{module} not importable (test)"))
+    missing = lambda module: (None, f"{module} not importable (test)")  # noqa: E731
+    monkeypatch.setattr(importlib.import_module("peers_cases"), "try_import", missing)
+    monkeypatch.setattr(importlib.import_module("peers_tiling"), "try_import", missing)
+    monkeypatch.setenv("NEEDLEWORK_CACHE", str(tmp_path / "cache"))  # the quick 2,048² slide
     out = tmp_path / "peers.json"
     assert peers.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["suite"] for r in rows} == {"mil", "sparse_conv"}
+    assert {r["suite"] for r in rows} == {"mil", "sparse_conv", "tiling"}
+    tiling = [r for r in rows if r["suite"] == "tiling"]
+    assert [(r["step"], r.get("seg_um"), r.get("workers")) for r in tiling] == [
+        ("segment", 4.0, None), ("segment", 16.0, None), ("read", None, 0), ("read", None, 2)]
+    assert all(r["reader"] == "tiffslide" and r["slide_side"] == 2048 for r in tiling)  # no OpenSlide
     assert {r.get("model") for r in rows if r["suite"] == "mil"} == {"abmil", "dsmil", "transmil"}
     for r in rows:
         assert set(r) >= ROW_KEYS
@@ -89,3 +95,41 @@ def test_quick_run_with_peers_matches_their_outputs(tmp_path):
             assert abs(r["params_ours"] - r["params_peer"]) <= 1  # ABMIL: the score bias torchmil omits
         if r["suite"] == "sparse_conv":
             assert r["spconv_vs_dense_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openslide") is None, reason="openslide-python not installed")
+def test_tiling_suite_times_both_sides_on_the_same_tiles(peers, monkeypatch, tmp_path):
+    monkeypatch.setenv("NEEDLEWORK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "peers.json"
+    args = ["--quick", "--suite", "tiling", "--reps", "1", "--warmup", "0", "--out", str(out)]
+    assert peers.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["ratio"] > 0 and r["reader"] == "openslide" for r in rows)
+    for r in rows:
+        if r["step"] == "segment":  # both find the two large ellipses of the synthetic slide
+            assert r["tiles_peer"] > 0 and r["tile_iou"] > 0.6
+            assert 0.7 < r["tiles_ours"] / r["tiles_peer"] < 1.4
+        else:
+            assert r["pixels_equal"] and r["tiles"] > 0
+
+
+def test_clam_steps_keep_patches_in_tissue_and_out_of_holes(monkeypatch):
+    """CLAM's steps on a drawn thumbnail: one tissue square with a hole, a speck below the area filter."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    clam = importlib.import_module("peers_tiling")
+    rgb = np.full((200, 200, 3), 245, np.uint8)
+    rgb[40:160, 40:160] = (200, 90, 160)  # tissue, ds 16: level-0 [640, 2560)²
+    rgb[80:120, 80:120] = 245  # a hole of 40² thumbnail px (1,600 > a_h = one 512² patch = 1,024 px)
+    rgb[5:8, 5:8] = (200, 90, 160)  # a speck: far below a_t = 5 reference patches
+    mask = clam.clam_segment(rgb)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    pieces = clam.clam_contours(mask, 16.0, a_t=5, a_h=1)
+    assert len(pieces) == 1 and len(pieces[0][1]) == 1  # the square, with its hole; no speck
+    tiles = clam.clam_grid(pieces, 256)
+    centres = tiles + 128
+    assert len(tiles) > 0 and (centres >= 640 - 64).all() and (centres < 2560 + 64).all()
+    in_hole = ((centres >= 80 * 16 + 32) & (centres < 120 * 16 - 32)).all(axis=1)  # contours cut corners
+    assert not in_hole.any() and 40 < len(tiles) < 64  # 8 × 8 grid positions over the square, less the hole
+    a = np.array([[0, 0]])
+    assert clam.tile_overlap(a, np.array([[128, 0]])) == pytest.approx(1 / 3)  # half overlap: 1/2 / 3/2
+    assert clam.tile_overlap(a, a) == 1.0 and clam.tile_overlap(a, np.array([[512, 512]])) == 0.0

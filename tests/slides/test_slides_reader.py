@@ -35,6 +35,27 @@ def test_readers_return_identical_rgb(cohort):
             np.testing.assert_array_equal(ra, rb)
 
 
+def test_openslide_transparent_pixels_read_white_and_arrays_are_writable(cohort, monkeypatch):
+    """Opaque regions take Pillow's RGB conversion, regions with unscanned (alpha 0) pixels the masked
+    path; both give the RGB bytes, white where nothing was scanned, in an array the caller may modify."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    holed = rgba.copy()
+    holed[5:9, 10:30] = 0  # OpenSlide's premultiplied "nothing here": all four bytes 0
+    with open_slide(cohort["slides_dir"] / "slide_000.tif", "openslide") as slide:
+        for source in (rgba, holed):
+            monkeypatch.setattr(slide._slide, "read_region", lambda *a, src=source: Image.fromarray(src))
+            out = slide.read_region((0, 0), 0, (50, 40))
+            expected = source[..., :3].copy()
+            expected[source[..., 3] == 0] = 255
+            np.testing.assert_array_equal(out, expected)
+            assert out.flags.writeable and out.flags.c_contiguous
+            out[0, 0] = 7  # never "assignment destination is read-only"
+
+
 def test_missing_mpp_is_a_loud_error_and_override_fixes_it(cohort):
     path = cohort["slides_dir"] / "slide_003.tif"
     with open_slide(path) as slide, pytest.raises(MissingMPPError, match=r"slide_003\.tif.*--mpp_csv"):

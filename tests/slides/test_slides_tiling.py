@@ -186,3 +186,44 @@ def test_component_labels_are_16_bit_unless_there_are_too_many():
     n, ref, _, _ = cv2.connectedComponentsWithStats(many, connectivity=4, ltype=cv2.CV_32S)
     assert labels.dtype == np.int32 and len(sizes) == n == 90_001
     np.testing.assert_array_equal(labels, ref)
+
+
+def test_saturation_bins_equal_searchsorted_for_every_max_min_pair():
+    """The integer bin table gives the bin ``searchsorted`` finds on the float saturation, for all
+    32,896 (max, min) pairs of uint8 channels, and the float saturation is :func:`saturation`'s."""
+    from needlework.slides.tissue import saturation, saturation_bins
+
+    mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    keep = mn <= mx
+    rgb = np.zeros((1, int(keep.sum()), 3), np.uint8)
+    rgb[0, :, 0], rgb[0, :, 1], rgb[0, :, 2] = mx[keep], mn[keep], (mx[keep] + mn[keep]) // 2
+    sat, bins = saturation_bins(rgb)
+    np.testing.assert_array_equal(sat, saturation(rgb))
+    edges = np.linspace(0.0, 1.0, 257)
+    ref = (np.searchsorted(edges, sat, side="right") - 1).clip(0, 255)
+    np.testing.assert_array_equal(bins, ref)
+    np.testing.assert_array_equal(np.bincount(bins.ravel(), minlength=256),
+                                  np.histogram(sat, bins=256, range=(0.0, 1.0))[0])  # fmt: skip
+    assert bins[0, (mx[keep] == 200) & (mn[keep] == 0)] == 255  # saturation 1: the last, closed bin
+
+
+def test_hole_filling_by_flood_fill_equals_labelling_the_background():
+    """Filling from the border frame keeps exactly the background 4-connected to the border, on random
+    masks with holes, diagonal gaps and pieces touching the border."""
+    from needlework.slides.tissue import _components, _fill_holes
+
+    rng = np.random.default_rng(3)
+    for density in (0.3, 0.5, 0.7):
+        mask = (rng.random((61, 47)) < density).astype(np.uint8)
+        labels, sizes = _components(1 - mask, 4)
+        hole = np.ones(len(sizes), bool)
+        hole[0] = False
+        hole[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
+        np.testing.assert_array_equal(_fill_holes(mask), mask | hole[labels])
+    ring = np.zeros((9, 9), np.uint8)
+    ring[2:7, 2:7] = 1
+    ring[4, 4] = 0
+    ring[3, 6] = 0  # a notch open to the outside through a 4-connected path: not a hole
+    ring[3, 7:] = 0
+    filled = _fill_holes(ring)
+    assert filled[4, 4] == 1 and filled[3, 6] == 0 and filled.sum() == ring.sum() + 1

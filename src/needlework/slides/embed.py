@@ -33,7 +33,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TileDataset(Dataset):
     """Tiles of one slide. ``slide`` is a path (opened lazily, once per worker process) or an open reader
-    (only with ``num_workers=0``). Items: ``(tile (3, P, P) uint8, index)``; divide by 255 for [0, 1]."""
+    (only with ``num_workers=0``). Items: ``(tile (P, P, 3) uint8, index)``, channels last as read: a
+    worker then copies each tile once, into the batch (:func:`embed_tiles` permutes the whole batch)."""
 
     def __init__(
         self,
@@ -68,9 +69,9 @@ class TileDataset(Dataset):
         x, y = self.coords[i].tolist()
         ps0, p = self.patch_size_level0, self.tile_size
         tile = self._handle().read_region_at(x, y, ps0, ps0, p, p)
-        # uint8 through the DataLoader (4× less to copy between processes); scaled to [0, 1] per batch,
-        # on the encoder's device.
-        return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))), i
+        # uint8 through the DataLoader (4× less to copy between processes); permuted and scaled to [0, 1]
+        # per batch, on the encoder's device.
+        return torch.from_numpy(np.ascontiguousarray(tile)), i
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -133,7 +134,9 @@ def embed_tiles(
     out = np.zeros((len(dataset), int(getattr(encoder, "embed_dim", 0)) or 0), np.float32)
     rows = []
     for tiles, idx in loader:
-        batch = tiles.to(dev, non_blocking=True).float().div_(255.0)
+        # (B, P, P, 3) → (B, 3, P, P) as a view: the float copy keeps channels-last strides, which the
+        # convolutions take as they are (no transposing copy per tile or per batch).
+        batch = tiles.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         with _autocast(dev, precision):
             feats = encoder(batch)
         rows.append((idx.numpy(), feats.float().cpu().numpy()))

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from needlework.slides.mpp import magnification_to_mpp, mpp_to_magnification
@@ -124,8 +125,8 @@ def tissue_fractions(
     table, so box sums at fractional thumbnail positions are exact.
     """
     h, w = mask.shape
-    table = np.zeros((h + 1, w + 1), np.float64)
-    table[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+    # OpenCV's summed-area table: (h + 1, w + 1) with a zero first row and column, exact integer counts.
+    table = cv2.integral(np.ascontiguousarray(mask, dtype=np.uint8), sdepth=cv2.CV_64F)
     dx, dy = downsample
 
     def integral(y: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -120,6 +120,39 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def saturation_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`saturation` and the uint8 index of its histogram bin (256 bins on [0, 1]), in one pass.
+
+    ``floor(256 · s)`` is exact in float32 (a power-of-two scale), so it is the bin ``searchsorted`` finds
+    on the bin edges ``k / 256``; saturation 1 goes to the last, closed bin as in ``np.histogram``.
+    """
+    sat = np.empty(rgb.shape[:2], np.float32)
+    bins = np.empty(rgb.shape[:2], np.uint8)
+    for r0 in range(0, rgb.shape[0], ROW_BLOCK):
+        block = rgb[r0 : r0 + ROW_BLOCK]
+        r, g, b = block[..., 0], block[..., 1], block[..., 2]
+        mx8 = np.maximum(np.maximum(r, g), b)
+        d = (mx8 - np.minimum(np.minimum(r, g), b)).astype(np.float32)
+        mx = mx8.astype(np.float32)
+        s = sat[r0 : r0 + ROW_BLOCK]
+        np.divide(d, mx, out=s, where=mx > 0)
+        s[mx8 == 0] = 0.0
+        np.minimum(s * 256, 255, out=d)
+        bins[r0 : r0 + ROW_BLOCK] = d  # truncation: floor of a non-negative float
+    return sat, bins
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (uint8 0/1) with every hole filled: background not 4-connected to the image border.
+
+    One flood fill from a one-pixel background frame, instead of labelling every background piece.
+    """
+    framed = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    framed[1:-1, 1:-1] = mask
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)  # the border's background (value 0) → 2
+    return (framed[1:-1, 1:-1] != 2).astype(np.uint8)
+
+
 def _above(sat: np.ndarray, t: float, size: int) -> np.ndarray:
     """``median(sat) > t`` with a ``size × size`` median (0: none), as the median of ``sat > t``."""
     if size == 0:
@@ -133,15 +166,6 @@ def _histogram_u8(values: np.ndarray) -> np.ndarray:
     for r0 in range(0, values.shape[0], ROW_BLOCK):
         hist += np.bincount(values[r0 : r0 + ROW_BLOCK].ravel(), minlength=256)
     return hist
-
-
-def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """uint8 index of the histogram bin of every value (``searchsorted`` on ``edges``), by row blocks."""
-    out = np.empty(values.shape, np.uint8)
-    for r0 in range(0, values.shape[0], ROW_BLOCK):
-        block = values[r0 : r0 + ROW_BLOCK]
-        out[r0 : r0 + ROW_BLOCK] = (np.searchsorted(edges, block, side="right") - 1).clip(0, 255)
-    return out
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -196,19 +220,18 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         raise ValueError(f"thumb must be (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
     if p.method not in ("background", "otsu"):
         raise ValueError(f"tissue method must be 'background' or 'otsu', got {p.method!r}")
-    sat = saturation(thumb)
+    sat, bins = saturation_bins(thumb)
     width = round(p.median_um / mpp)
     edges = np.linspace(0.0, 1.0, 257)
     if width >= 2:
         # The median commutes with monotone maps, so the float median is never needed: the histogram is
         # that of the median of the bin indices, and median(sat) > thr is the median of (sat > thr).
         size = width | 1
-        bins = _bin_index(sat, edges)
         hist = _histogram_u8(_median_u8(bins, size))
-        del bins
     else:
         size = 0  # no median
-        hist = np.histogram(sat.ravel(), bins=256, range=(0.0, 1.0))[0]
+        hist = _histogram_u8(bins)
+    del bins
 
     background = _background_threshold(hist, edges, p)
     if p.threshold is not None:
@@ -235,7 +258,9 @@ def segment_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = 
         disk = _disk(r_open)
         mask = _dilate(_erode(mask, disk), disk)
     px_area = mpp * mpp
-    if p.fill_holes:
+    if p.fill_holes and p.max_hole_area_um2 is None:
+        mask = _fill_holes(mask)
+    elif p.fill_holes:
         # Holes: background pieces (4-connected) that do not touch the border.
         labels, sizes = _components(1 - mask, 4)
         hole = np.ones(len(sizes), bool)
