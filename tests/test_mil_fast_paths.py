@@ -31,16 +31,25 @@ def test_abmil_matches_the_plain_formula_and_its_gradients():
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_dsmil_matches_the_plain_formula_and_its_gradients():
+@pytest.mark.parametrize(
+    "num_classes, nonlinear_query, dtype",
+    [(2, False, torch.float32), (2, False, torch.float64), (5, False, torch.float32), (2, True, torch.float32)],
+)
+def test_dsmil_matches_the_plain_formula_and_its_gradients(num_classes, nonlinear_query, dtype):
+    """C < q with a linear query takes the reassociated scores h · (Wᵀ q_m) (the (N, q) queries never
+    exist); C ≥ q and the non-linear query take the explicit ones. Both equal the written-out formula."""
     torch.manual_seed(1)
-    model = needlework.create_model("dsmil", in_dim=10, num_classes=2, query_dim=4)
-    bag = torch.randn(3, 6, 10)
+    model = needlework.create_model(
+        "dsmil", in_dim=10, num_classes=num_classes, query_dim=4, nonlinear_query=nonlinear_query
+    ).to(dtype)
+    bag = torch.randn(3, 6, 10, dtype=dtype)
     out = model(bag)
     c = model.instance_classifier(bag)  # (B, N, C)
     crit = c.argmax(dim=1)  # (B, C)
     q = model.query(bag)
     q_crit = torch.stack([q[b, crit[b]] for b in range(3)])  # (B, C, q)
-    a = (torch.einsum("bnq,bcq->bcn", q, q_crit) / math.sqrt(4)).softmax(dim=-1)
+    scores = torch.einsum("bnq,bcq->bcn", q, q_crit) / math.sqrt(4)
+    a = scores.softmax(dim=-1)
     ref = model.bag_classifier(torch.einsum("bcn,bnl->bcl", a, model.value(bag))).squeeze(-1)
     torch.testing.assert_close(out["logits"], ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["attention"], a, rtol=1e-5, atol=1e-6)

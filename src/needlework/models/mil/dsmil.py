@@ -88,11 +88,7 @@ class DSMIL(MILModel):
         h = self.embed(bag)  # (B, N, L)
         c = self.instance_classifier(h)  # (B, N, C)
         max_logits, critical = masked_max(c, mask)  # (B, C), (B, C)
-        q = self.query(h)  # (B, N, q)
-        q_crit = torch.gather(q, 1, critical[..., None].expand(-1, -1, q.shape[-1]))  # (B, C, q)
-        # bmm rather than einsum: contiguous gradients w.r.t. q and h, which autograd accumulates in place
-        scores = torch.bmm(q, q_crit.transpose(1, 2)).transpose(1, 2) * self.scale  # (B, C, N)
-        attention = masked_softmax(scores, mask)  # (B, C, N)
+        attention = masked_softmax(self._scores(h, critical), mask)  # (B, C, N)
         class_embeddings = torch.bmm(attention, self.value(h))  # (B, C, L)
         logits = self.bag_classifier(class_embeddings).squeeze(-1)  # (B, C)
         return {
@@ -103,6 +99,19 @@ class DSMIL(MILModel):
             "critical_idx": critical,
             "embedding": class_embeddings.flatten(1),
         }
+
+    def _scores(self, h: torch.Tensor, critical: torch.Tensor) -> torch.Tensor:
+        """``⟨Q_i, Q_{m_j}⟩ / √q`` ``(B, C, N)`` up to a constant per class, which the softmax ignores."""
+        if isinstance(self.query, nn.Linear) and self.num_classes < self.query.out_features:
+            # ⟨W h_i + b, q_m⟩ = h_i · (Wᵀ q_m) + b · q_m: the last term is the same for every instance, so
+            # the (N, q) queries and their three GEMMs are never formed (O(N·L·C) instead of O(N·L·q)).
+            h_crit = torch.gather(h, 1, critical[..., None].expand(-1, -1, h.shape[-1]))  # (B, C, L)
+            u = self.query(h_crit) @ self.query.weight  # (B, C, L)
+            return torch.bmm(u, h.transpose(1, 2)) * self.scale
+        q = self.query(h)  # (B, N, q)
+        q_crit = torch.gather(q, 1, critical[..., None].expand(-1, -1, q.shape[-1]))  # (B, C, q)
+        # bmm rather than einsum: contiguous gradients w.r.t. q and h, which autograd accumulates in place
+        return torch.bmm(q, q_crit.transpose(1, 2)).transpose(1, 2) * self.scale
 
     def compute_loss(
         self, output: dict[str, Any], target: torch.Tensor, class_weight: torch.Tensor | None = None
