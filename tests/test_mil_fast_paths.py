@@ -33,7 +33,8 @@ def test_abmil_matches_the_plain_formula_and_its_gradients():
 
 @pytest.mark.parametrize(
     "num_classes, nonlinear_query, dtype",
-    [(2, False, torch.float32), (2, False, torch.float64), (5, False, torch.float32), (2, True, torch.float32)],
+    [(2, False, torch.float32), (2, False, torch.float64), (5, False, torch.float32),
+     (2, True, torch.float32)],
 )
 def test_dsmil_matches_the_plain_formula_and_its_gradients(num_classes, nonlinear_query, dtype):
     """C < q with a linear query takes the reassociated scores h · (Wᵀ q_m) (the (N, q) queries never
