@@ -200,10 +200,10 @@ def sparse_case(
     weight, bias = conv.weight, conv.bias
     grad_out = torch.randn(len(sites), channels)
     table = neighbor_table(sites, 3)
-    book = rulebook(table)
+    book = rulebook(table, sites)  # with the sites: "auto" may take the dense-box path
 
     def ours_step() -> None:
-        nbr = book if reuse_table else rulebook(neighbor_table(sites, 3))
+        nbr = book if reuse_table else rulebook(neighbor_table(sites, 3), sites)
         out = submanifold_conv2d(feats, nbr, weight, bias)
         out.backward(grad_out)
 
@@ -213,7 +213,8 @@ def sparse_case(
 
     info: dict[str, Any] = {"sites": len(sites), "extra_steps": {"im2col": im2col_step}}
     info["neighbor_fraction"] = book.fraction
-    info["method"] = choose_method(book.fraction, len(sites), channels)
+    info["method"] = choose_method(book.fraction, len(sites), channels, book.box.fill)
+    info["box_fill"] = round(book.box.fill, 4)
     ref = dense_submanifold_conv2d(feats.detach(), sites, weight.detach(), bias.detach())
     with torch.no_grad():
         ours_out = submanifold_conv2d(feats, book, weight, bias)

@@ -153,13 +153,14 @@ def test_auto_choice_and_errors():
         submanifold_conv2d(feats[:10], rulebook(table), conv.weight)
 
 
-@pytest.mark.parametrize("method", ["rulebook", "im2col"])
+@pytest.mark.parametrize("method", ["rulebook", "im2col", "dense", "auto"])
 def test_sparseconvmil_builds_one_rulebook_and_matches_im2col(method, monkeypatch):
     import needlework.models.mil.sparseconvmil as scm
 
     calls = []
     real = scm.rulebook
-    monkeypatch.setattr(scm, "rulebook", lambda t: calls.append(1) or real(t))
+    spy = lambda t, sites=None: calls.append(sites is not None) or real(t, sites)  # noqa: E731
+    monkeypatch.setattr(scm, "rulebook", spy)
     torch.manual_seed(0)
     model = SparseConvMIL(16, 2, cell_size=1.0, channels=(8, 8), augment=False, conv_method=method).eval()
     ref = SparseConvMIL(16, 2, cell_size=1.0, channels=(8, 8), augment=False, conv_method="im2col").eval()
@@ -168,7 +169,8 @@ def test_sparseconvmil_builds_one_rulebook_and_matches_im2col(method, monkeypatc
     bag = torch.randn(2, 40, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(bag, coords)["logits"], ref(bag, coords)["logits"])
-    assert len(calls) == (1 if method == "rulebook" else 0)  # once per batch, shared by both layers
+    # once per batch (with the sites, for the dense boxes), shared by both layers
+    assert calls == ([] if method == "im2col" else [True])
     assert isinstance(real(neighbor_table(torch.tensor([[0, 0, 0]]), 3)), Rulebook)
 
 
@@ -182,3 +184,60 @@ def test_neighbor_table_both_lookups_match_naive(spread):
         torch.testing.assert_close(table, naive_neighbors(sites, k, dilation * spread))
     with pytest.raises(ValueError, match="unique"):
         neighbor_table(torch.cat([sites, sites[:1]]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, dilation", [(3, 1), (5, 2)])
+def test_dense_box_path_equals_dense_conv_and_the_rulebook(dtype, k, dilation):
+    """The dense path (scatter into each bag's box, conv2d, gather) against the dense reference and the
+    rulebook, forward and both gradients, bags at different offsets, kernel 3 and 5 with dilation."""
+    from needlework.ops.dense_box import dense_box
+
+    g = torch.Generator().manual_seed(11)
+    sites = random_sites(3, 9, 11, 70, g)
+    sites[sites[:, 0] == 1, 1:] += torch.tensor([20, 5])  # bag 1 elsewhere on its map: its own box
+    feats = torch.randn(len(sites), 6, dtype=dtype, generator=g, requires_grad=True)
+    weight = torch.randn(4, 6, k, k, dtype=dtype, generator=g, requires_grad=True)
+    bias = torch.randn(4, dtype=dtype, generator=g)
+    table = neighbor_table(sites, k, dilation)
+    book = rulebook(table, sites, dilation)
+    b, h, w = book.box.shape  # bag 1's shift does not widen the box: each bag has its own offset
+    assert b == 3 and h <= 9 and w <= 11
+    assert book.box.fill == pytest.approx(len(sites) / (b * h * w))
+    out = submanifold_conv2d(feats, book, weight, bias, method="dense")
+    ref = dense_submanifold_conv2d(feats, sites, weight, bias, dilation=dilation)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(out, ref, **tol)
+    grads = torch.autograd.grad(out.square().sum(), [feats, weight])
+    refs = torch.autograd.grad(submanifold_conv2d(feats, book, weight, bias, "rulebook").square().sum(),
+                               [feats, weight])  # fmt: skip
+    grad_tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else tol  # sums in another order
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, **grad_tol)
+    assert dense_box(sites[:0]).fill == 0.0
+
+
+def test_dense_box_gradcheck_and_auto_picks_it_on_compact_sites():
+    from needlework.ops.dense_box import dense_box, dense_box_conv2d
+    from needlework.ops.sparse_conv import choose_method
+
+    g = torch.Generator().manual_seed(2)
+    sites = random_sites(2, 5, 5, 30, g)
+    box = dense_box(sites)
+    feats = torch.randn(len(sites), 3, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, w, b: dense_box_conv2d(f, box, w, b), (feats, weight, bias))
+    compact = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(40),
+                                         torch.arange(40), indexing="ij"), -1).reshape(-1, 3)  # fmt: skip
+    scattered = compact * torch.tensor([1, 5, 5])
+    assert rulebook(neighbor_table(compact, 3), compact).box.fill == 1.0
+    assert choose_method(0.9, 1600, 32, fill=1.0) == "dense"
+    assert choose_method(0.1, 1600, 32, fill=dense_box(scattered).fill) != "dense"  # fill 1/25
+    assert choose_method(0.9, 1600, 32) != "dense"  # no boxes: never dense
+    with pytest.raises(ValueError, match="rulebook\\(table, sites\\)"):
+        submanifold_conv2d(torch.randn(1600, 32), neighbor_table(compact, 3), torch.randn(8, 32, 3, 3),
+                           method="dense")  # fmt: skip
+    with pytest.raises(ValueError, match="same site set"):
+        rulebook(neighbor_table(compact, 3), compact[:10])
+

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from needlework.ops.dense_box import DenseBox, dense_box
+
 
 @dataclass(frozen=True)
 class Rulebook:
@@ -35,6 +37,7 @@ class Rulebook:
         out_rows: ``(P,)`` int64 output rows, same order.
         counts: ``k²`` pair counts per offset (the centre's is 0 here; it is handled as ``F @ W_c``).
         fraction: fraction of the ``S·k²`` table entries that are real neighbours (centre included).
+        box: the sites' dense boxes when the rulebook was built with ``sites`` (the dense path), else None.
     """
 
     neighbors: torch.Tensor
@@ -42,6 +45,7 @@ class Rulebook:
     out_rows: torch.Tensor
     counts: tuple[int, ...]
     fraction: float
+    box: DenseBox | None = None
 
     @property
     def n_sites(self) -> int:
@@ -55,15 +59,18 @@ class Rulebook:
         """The same rulebook on ``device``."""
         return Rulebook(
             self.neighbors.to(device), self.in_rows.to(device), self.out_rows.to(device), self.counts,
-            self.fraction,
+            self.fraction, None if self.box is None else self.box.to(device),
         )
 
 
-def rulebook(neighbors: torch.Tensor) -> Rulebook:
+def rulebook(neighbors: torch.Tensor, sites: torch.Tensor | None = None, dilation: int = 1) -> Rulebook:
     """Rulebook of a neighbour table.
 
     Args:
         neighbors: ``(S, k²)`` int64 from :func:`needlework.ops.sparse_conv.neighbor_table` (``S`` = missing).
+        sites: the ``(S, 3)`` sites the table was built from; given, the rulebook also holds their dense
+            boxes (:mod:`needlework.ops.dense_box`), which ``method="auto"`` takes on compact site sets.
+        dilation: the table's dilation (for the dense boxes).
 
     Returns:
         :class:`Rulebook`; pairs of offset ``o`` are sorted by output row.
@@ -83,7 +90,14 @@ def rulebook(neighbors: torch.Tensor) -> Rulebook:
     in_rows = neighbors[out_rows, offset]
     counts = torch.bincount(offset, minlength=kk).tolist() if len(offset) else [0] * kk
     fraction = real / (s * kk) if s else 0.0
-    return Rulebook(neighbors, in_rows, out_rows, tuple(counts), fraction)
+    box = None
+    if sites is not None:
+        if len(sites) != s:
+            raise ValueError(
+                f"sites has {len(sites)} rows but the neighbour table {s}: pass the same site set"
+            )
+        box = dense_box(sites, dilation)
+    return Rulebook(neighbors, in_rows, out_rows, tuple(counts), fraction, box)
 
 
 class RulebookConv(torch.autograd.Function):

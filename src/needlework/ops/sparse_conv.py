@@ -8,7 +8,9 @@ linear keys (a dense key → row map when the padded map is small, else sorted k
 ``searchsorted``) and shared by every layer on that set. Two exact, deterministic
 paths compute the same sum: **im2col** (gather all ``k²`` neighbour rows, missing ones as zeros, one GEMM)
 and the **rulebook** (:mod:`needlework.ops.rulebook`: per offset only the pairs that exist,
-gather–GEMM–scatter). ``method="auto"`` picks by the measured rule of :func:`choose_method`.
+gather–GEMM–scatter); a rulebook built with its sites also offers the **dense** path
+(:mod:`needlework.ops.dense_box`: scatter into each bag's bounding box, ``conv2d``, gather), the fastest
+where the sites fill their box. ``method="auto"`` picks by the measured rule of :func:`choose_method`.
 
 The weight layout is ``nn.Conv2d``'s ``(C_out, C_in, k, k)``: a dense masked ``conv2d`` with the same
 weight is the reference (see :func:`dense_submanifold_conv2d`).
@@ -38,10 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from needlework.checks import check_shape
+from needlework.ops.dense_box import dense_box_conv2d
 from needlework.ops.rulebook import Rulebook, rulebook, rulebook_conv2d
 
 BACKENDS = ("torch", "spconv")
-METHODS = ("auto", "rulebook", "im2col")
+METHODS = ("auto", "rulebook", "im2col", "dense")
+DENSE_FILL = 0.5  # the dense path from this box fill up (see choose_method)
 
 
 def _check_sites(sites: torch.Tensor) -> None:
@@ -100,8 +104,14 @@ def neighbor_table(sites: torch.Tensor, kernel_size: int = 3, dilation: int = 1)
     return torch.where(found, perm[pos], torch.full_like(pos, s))
 
 
-def choose_method(fraction: float, n_sites: int, c_in: int) -> str:
-    """``"rulebook"`` or ``"im2col"`` for a site set whose table has ``fraction`` real neighbours.
+def choose_method(fraction: float, n_sites: int, c_in: int, fill: float | None = None) -> str:
+    """``"dense"``, ``"rulebook"`` or ``"im2col"`` for a site set whose table has ``fraction`` real
+    neighbours and whose sites fill ``fill`` of their dense boxes (None: no boxes, the dense path is out).
+
+    Dense when ``fill ≥ DENSE_FILL``: one ``conv2d`` over a box at most twice the sites beat the rulebook
+    (20,000 compact sites, forward + backward, one thread: C = 32 14 vs 27 ms, C = 128 179 vs 281 ms; the
+    crossover in ``benchmarks/peers.py --suite sparse_conv``'s fill sweep lies between 0.3 and 0.5).
+    Otherwise:
 
     Measured on one CPU thread (3×3, forward + backward; ``benchmarks/peers.py`` sizes and smaller): the
     rulebook does ``fraction·k²`` rows of work against im2col's ``k²``, but in ``k²`` small GEMMs with
@@ -110,6 +120,8 @@ def choose_method(fraction: float, n_sites: int, c_in: int) -> str:
     20,000 compact sites, C = 32: 26 vs 32 ms; C = 128: 310 vs 341 ms); im2col keeps small-``C`` full
     tables (20,000 compact sites, C = 8: 10.5 vs 13.6 ms).
     """
+    if fill is not None and fill >= DENSE_FILL:
+        return "dense"
     work = n_sites * c_in
     if (fraction <= 0.6 and work >= 2**14) or c_in >= 64 or work >= 2**19:
         return "rulebook"
@@ -132,7 +144,8 @@ def submanifold_conv2d(
             takes the rulebook path has its rulebook rebuilt in every call).
         weight: ``(C_out, C_in, k, k)`` (``nn.Conv2d`` layout).
         bias: ``(C_out,)`` or None.
-        method: ``"auto"`` (:func:`choose_method`), ``"rulebook"`` or ``"im2col"``.
+        method: ``"auto"`` (:func:`choose_method`), ``"rulebook"``, ``"im2col"`` or ``"dense"`` (needs a
+            rulebook built with its sites, ``rulebook(table, sites)``).
 
     Returns:
         ``(S, C_out)``.
@@ -145,9 +158,16 @@ def submanifold_conv2d(
     sizes = check_shape(weight, ["C_out", str(c_in), "k", "k"], "weight")
     c_out, k = sizes["C_out"], sizes["k"]
     check_shape(table, [str(s), str(k * k)], "neighbors")
+    box = book.box if book is not None else None
     if method == "auto":
         fraction = book.fraction if book is not None else float((table < s).sum()) / max(table.numel(), 1)
-        method = choose_method(fraction, s, c_in)
+        method = choose_method(fraction, s, c_in, None if box is None else box.fill)
+    if method == "dense":
+        if box is None:
+            raise ValueError(
+                "method='dense' needs the sites' boxes: pass rulebook(table, sites) as neighbors"
+            )
+        return dense_box_conv2d(features, box, weight, bias)
     if method == "rulebook":
         return rulebook_conv2d(features, book if book is not None else rulebook(table), weight, bias)
     padded = torch.cat([features, features.new_zeros(1, c_in)])
@@ -193,7 +213,8 @@ class SubmanifoldConv2d(nn.Module):
         bias: learnable bias.
         backend: ``"torch"`` (default; gather + matmul) or ``"spconv"`` (optional, see
             :mod:`needlework.ops.spconv_backend`; needs ``sites``/``batch_size`` in :meth:`forward`).
-        method: torch backend path, ``"auto"``, ``"rulebook"`` or ``"im2col"`` (:func:`submanifold_conv2d`).
+        method: torch backend path, ``"auto"``, ``"rulebook"``, ``"im2col"`` or ``"dense"``
+            (:func:`submanifold_conv2d`).
     """
 
     def __init__(
@@ -227,8 +248,8 @@ class SubmanifoldConv2d(nn.Module):
         batch_size: int | None = None,
     ) -> torch.Tensor:
         """``features`` ``(S, C_in)`` → ``(S, C_out)``; the torch backend needs ``neighbors`` (a table or
-        its rulebook; built from ``sites`` when absent), spconv needs ``sites`` ``(S, 3)`` and
-        ``batch_size``."""
+        its rulebook; built from ``sites`` when absent, with the dense boxes), spconv needs ``sites``
+        ``(S, 3)`` and ``batch_size``."""
         if self.backend == "spconv":
             from needlework.ops.spconv_backend import spconv_submanifold_conv2d
 
@@ -241,6 +262,8 @@ class SubmanifoldConv2d(nn.Module):
             if sites is None:
                 raise ValueError("pass neighbors (from neighbor_table) or sites (S, 3)")
             neighbors = neighbor_table(sites, self.kernel_size, self.dilation)
+            if self.method != "im2col":  # the rulebook, with the dense boxes "auto" may pick
+                neighbors = rulebook(neighbors, sites, self.dilation)
         return submanifold_conv2d(features, neighbors, self.weight, self.bias, self.method)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 from needlework.models.mil.common import MaskedStandardize, MILModel, register_mil_model
 from needlework.ops.coord_augment import augment_coords
 from needlework.ops.rulebook import rulebook
-from needlework.ops.sparse_conv import SubmanifoldConv2d, choose_method, neighbor_table, sparse_global_mean
+from needlework.ops.sparse_conv import SubmanifoldConv2d, neighbor_table, sparse_global_mean
 from needlework.ops.sparse_map import coords_to_sites, sample_instances
 
 
@@ -54,7 +54,7 @@ class SparseConvMIL(MILModel):
         classifier_hidden: hidden width of the classifier (32 in the reference).
         dropout: dropout before the classifier.
         backend: ``"torch"`` (gather + matmul) or ``"spconv"``.
-        conv_method: torch backend path, ``"auto"``, ``"rulebook"`` or ``"im2col"``
+        conv_method: torch backend path, ``"auto"``, ``"rulebook"``, ``"im2col"`` or ``"dense"``
             (:func:`needlework.ops.sparse_conv.submanifold_conv2d`).
         augment: apply the coordinate augmentation in training mode.
         rotation: ``"uniform"`` (radians), ``"right_angles"`` or ``"none"``.
@@ -104,13 +104,6 @@ class SparseConvMIL(MILModel):
             nn.Linear(classifier_hidden, num_classes),
         )
 
-    @staticmethod
-    def _method(conv: SubmanifoldConv2d, table: torch.Tensor) -> str:
-        if conv.method != "auto":
-            return conv.method
-        fraction = float((table < len(table)).sum()) / max(table.numel(), 1)
-        return choose_method(fraction, len(table), conv.weight.shape[1])
-
     def forward(
         self, bag: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, Any]:
@@ -133,10 +126,10 @@ class SparseConvMIL(MILModel):
         smap = coords_to_sites(coords, mask, self.cell_size)
         x = smap.scatter_mean(bag, weights)  # (S, D)
         nbr = None
-        if self.backend == "torch":  # one table (and, where a layer takes that path, one rulebook) per batch
+        if self.backend == "torch":  # one table per batch; one rulebook (with the dense boxes) unless im2col
             nbr = neighbor_table(smap.sites, self.kernel_size)
-            if any(self._method(conv, nbr) == "rulebook" for conv in self.convs):
-                nbr = rulebook(nbr)
+            if any(conv.method != "im2col" for conv in self.convs):
+                nbr = rulebook(nbr, smap.sites)
         for conv in self.convs:
             x = torch.relu(conv(x, nbr, sites=smap.sites, batch_size=smap.batch_size))
         z = sparse_global_mean(x, smap.batch_index, smap.batch_size)
