@@ -45,7 +45,7 @@ from needlework.ops.rulebook import Rulebook, rulebook, rulebook_conv2d
 
 BACKENDS = ("torch", "spconv")
 METHODS = ("auto", "rulebook", "im2col", "dense")
-DENSE_FILL = 0.5  # the dense path from this box fill up (see choose_method)
+DENSE_FILL = 0.8  # the dense path from this box fill up (see choose_method)
 
 
 def _check_sites(sites: torch.Tensor) -> None:
@@ -108,10 +108,10 @@ def choose_method(fraction: float, n_sites: int, c_in: int, fill: float | None =
     """``"dense"``, ``"rulebook"`` or ``"im2col"`` for a site set whose table has ``fraction`` real
     neighbours and whose sites fill ``fill`` of their dense boxes (None: no boxes, the dense path is out).
 
-    Dense when ``fill ≥ DENSE_FILL``: one ``conv2d`` over a box at most twice the sites beat the rulebook
-    (20,000 compact sites, forward + backward, one thread: C = 32 14 vs 27 ms, C = 128 179 vs 281 ms; the
-    crossover in ``benchmarks/peers.py --suite sparse_conv``'s fill sweep lies between 0.3 and 0.5).
-    Otherwise:
+    Dense when ``fill ≥ DENSE_FILL`` (0.8): one ``conv2d`` over a box with few empty cells beats the
+    rulebook (``benchmarks/sparse_fill.py``, 20,000 sites, forward + backward, one thread: the dense path
+    overtakes at a fill of about 0.68 for C = 32 and 0.78 for C = 128; compact sites, fill 0.999, 1.93× and
+    1.47× the rulebook's speed). Otherwise:
 
     Measured on one CPU thread (3×3, forward + backward; ``benchmarks/peers.py`` sizes and smaller): the
     rulebook does ``fraction·k²`` rows of work against im2col's ``k²``, but in ``k²`` small GEMMs with
