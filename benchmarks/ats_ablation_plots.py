@@ -31,6 +31,14 @@ FIGURE_NAMES = {
 }
 
 
+def ordered(runs: dict[str, dict]) -> dict[str, dict]:
+    """Runs in the order of their setting (λ, then the number of patches; ATS before attention-MIL), not
+    in the order they finished."""
+    key = lambda item: (item[1].get("kind") != "ats", item[1].get("entropy_weight", 0.0),  # noqa: E731
+                        item[1].get("n_patches", 0))  # fmt: skip
+    return dict(sorted(runs.items(), key=key))
+
+
 def _suffix(entry: dict[str, Any]) -> str:
     """Needle-MNIST studies get their own files (``ats_entropy_needle256.png``)."""
     setup = entry["setup"]
@@ -69,7 +77,7 @@ def _show(ax, image: np.ndarray | None, amap: np.ndarray, canvas: int, boxes=Non
 
 def plot_grid(entry: dict[str, Any], image: np.ndarray, folder: Path, name: str, tiny: bool) -> Path:
     """Rows = runs, columns = epochs (those kept for every run, at most 6), attention over probe 0."""
-    runs = entry["runs"]
+    runs = ordered(entry["runs"])
     common = sorted(set.intersection(*(set(r["figure_maps"]) for r in runs.values())), key=int)
     if len(common) > 6:
         picks = np.unique(np.linspace(0, len(common) - 1, 6).round().astype(int))
@@ -110,7 +118,7 @@ def plot_curves(entries: list[dict[str, Any]], folder: Path, tiny: bool) -> Path
     fig, axes = plt.subplots(len(entries), 4, figsize=(14, 2.8 * len(entries)), squeeze=False)
     for r, entry in enumerate(entries):
         ref = entry["reference"]
-        for name, run in entry["runs"].items():
+        for name, run in ordered(entry["runs"]).items():
             ep = [e["epoch"] for e in run["epochs"]]
             for c, col in enumerate(cols[:3]):
                 axes[r, c].plot(ep, [e[col] for e in run["epochs"]], marker=".", label=name)
