@@ -23,6 +23,8 @@ steps; the table shows medians with the inter-quartile range and the ratio ``pee
   BigTIFF, at our 4 µm/px thumbnail and at CLAM's downsample of 64; then reading the kept tiles: CLAM's
   ``read_region`` + RGB loop against our ``TileDataset`` through a ``DataLoader`` with 0 and 2 workers.
   CLAM's own measured figures are quoted in the README.
+* **ATS step** (``ats_case``): an ATS training step at 1500² against its feature network's own forward +
+  backward on the same number of patches (the ratio is feature net / step; the goal is ≥ 0.83).
 
 Run: ``PYTHONPATH=src python benchmarks/peers.py`` (``--quick`` for a seconds-long smoke run on tiny sizes);
 writes ``benchmarks/results/peers.json`` (``--out``) and prints a markdown table. Peers come from the
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers_cases import mil_case, peer_version, sparse_case
+from peers_cases import ats_case, mil_case, peer_version, sparse_case
 from peers_tiling import tiling_case
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
@@ -109,6 +111,7 @@ def plan(quick: bool) -> list[dict[str, Any]]:
                         **sparse_kw,
                     }
                 )
+    cases.append({"suite": "ats", "peer": "torch", **({"size": 300, "batch": 2} if quick else {})})
     tiling = {"suite": "tiling", "peer": "opencv-python-headless", **({"size": 2048} if quick else {})}
     for seg_um in (4.0, 16.0):  # our default thumbnail, CLAM's (downsample 64 at 0.25 µm/px)
         cases.append({**tiling, "step": "segment", "seg_um": seg_um})
@@ -126,6 +129,8 @@ def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
         ours, peer, info = mil_case(case["model"], case["bag_size"], **kw)
     elif case["suite"] == "tiling":
         ours, peer, info = tiling_case(**kw)
+    elif case["suite"] == "ats":
+        ours, peer, info = ats_case(**kw)
     else:
         ours, peer, info = sparse_case(**kw)
     extra = info.pop("extra_steps", {})
@@ -143,6 +148,9 @@ def label(row: dict[str, Any]) -> str:
     if row["suite"] == "mil":
         variant = " (reference layer)" if row.get("matched") is False else ""
         return f"{row['model']}{variant} training step, bag {row['bag_size']:,} × {row.get('in_dim', 1024)}"
+    if row["suite"] == "ats":
+        return (f"ATS training step, {row['batch']} × {row['size']}², vs its feature net's forward + "
+                f"backward on the same {row['patches_per_image']} patches of {row['patch']}² per image")
     if row["suite"] == "tiling":
         side = f"{row['slide_side']:,}²"
         if row["step"] == "segment":
@@ -166,7 +174,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "skipped"
         params = f"{r['params_ours']:,} / {r.get('params_peer', 0):,}" if "params_ours" in r else "—"
-        if r["suite"] == "tiling":
+        if r["suite"] == "ats":
+            check = "ratio = feature net / step (goal ≥ 0.83)"
+        elif r["suite"] == "tiling":
             if r["step"] == "segment":
                 check = f"tiles {r['tiles_ours']} / {r.get('tiles_peer', '—')}, IoU {r.get('tile_iou', '—')}"
             else:
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per side before timing")
     p.add_argument(
         "--suite",
-        choices=("all", "mil", "sparse_conv", "tiling"),
+        choices=("all", "mil", "sparse_conv", "tiling", "ats"),
         default="all",
         help="run one suite only; its rows replace that suite's rows in --out, the others are kept",
     )

@@ -247,3 +247,40 @@ def sparse_case(
         layer(x).features.backward(grad_out)
 
     return ours_step, peer_step, info
+
+
+# -- ATS training step against its own feature network --------------------------------------------------
+def ats_case(size: int = 1500, batch: int = 16) -> tuple[Step, Step, dict]:
+    """An ATS training step (``ats.megapixel_mnist``: attention on ``x_low``, 10 patches of 50² sampled per
+    image, features, expectation, classifier, loss, Adam) against the part no implementation can avoid:
+    its feature network's forward + backward on the same number of patches. ``ratio`` = feature network /
+    step (the goal: the step within 1.2× of the feature network, a ratio of at least 0.83)."""
+    from needlework.data import MegapixelMNIST
+
+    torch.manual_seed(0)
+    ds = MegapixelMNIST("train", size=batch, canvas=size, n_noise=max(1, round(50 * (size / 1500) ** 2)))
+    items = [ds[i] for i in range(batch)]
+    x_high = torch.stack([it["x_high"] for it in items])
+    x_low = torch.stack([it["x_low"] for it in items])
+    label = torch.tensor([it["label"] for it in items])
+    model = needlework.create_model("ats.megapixel_mnist", num_classes=10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sampler = model.sampler
+    patch = sampler.patch_size if isinstance(sampler.patch_size, int) else sampler.patch_size[0]
+    patches = torch.randn(batch * sampler.n_patches, x_high.shape[1], patch, patch)
+
+    def ours_step() -> None:
+        loss, _ = model.compute_loss(model(x_low, x_high), label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def feature_step() -> None:
+        sampler.feature_net(patches).sum().backward()
+
+    def networks_step() -> None:  # both networks, nothing else: what the step costs beyond them is ATS's own
+        (sampler.feature_net(patches).sum() + sampler.attention_net(x_low).sum()).backward()
+
+    info = {"size": size, "batch": batch, "patches_per_image": sampler.n_patches, "patch": patch,
+            "extra_steps": {"networks": networks_step}}  # fmt: skip
+    return ours_step, feature_step, info

@@ -53,7 +53,10 @@ def test_quick_run_skips_missing_peers_and_still_times_ours(peers, monkeypatch, 
     assert peers.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["suite"] for r in rows} == {"mil", "sparse_conv", "tiling"}
+    assert {r["suite"] for r in rows} == {"mil", "sparse_conv", "tiling", "ats"}
+    (ats,) = [r for r in rows if r["suite"] == "ats"]  # its "peer" is our own feature net: always timed
+    assert ats["ratio"] > 0 and ats["patches_per_image"] == 10
+    rows = [r for r in rows if r["suite"] != "ats"]
     tiling = [r for r in rows if r["suite"] == "tiling"]
     assert [(r["step"], r.get("seg_um"), r.get("workers")) for r in tiling] == [
         ("segment", 4.0, None), ("segment", 16.0, None), ("read", None, 0), ("read", None, 2)]

@@ -71,10 +71,13 @@ def dense_box(sites: torch.Tensor, dilation: int = 1) -> DenseBox:
     if len(sites) == 0:
         return DenseBox(sites.new_zeros(0), (0, 0, 0), dilation)
     b = int(sites[:, 0].max()) + 1
-    lo = sites.new_full((b, 2), torch.iinfo(torch.long).max).scatter_reduce(
-        0, sites[:, :1].expand(-1, 2), sites[:, 1:], "amin"
-    )
-    yx = sites[:, 1:] - lo[sites[:, 0]]  # (S, 2) inside the bag's box
+    if b == 1:  # one bag: its minimum, without the per-bag reduction
+        yx = sites[:, 1:] - sites[:, 1:].amin(dim=0)
+    else:
+        lo = sites.new_full((b, 2), torch.iinfo(torch.long).max).scatter_reduce(
+            0, sites[:, :1].expand(-1, 2), sites[:, 1:], "amin"
+        )
+        yx = sites[:, 1:] - lo[sites[:, 0]]  # (S, 2) inside the bag's box
     h, w = (int(v) + 1 for v in yx.max(dim=0).values)
     positions = (sites[:, 0] * h + yx[:, 0]) * w + yx[:, 1]
     return DenseBox(positions, (b, h, w), dilation)
