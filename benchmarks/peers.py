@@ -23,6 +23,8 @@ steps; the table shows medians with the inter-quartile range and the ratio ``pee
   BigTIFF, at our 4 µm/px thumbnail and at CLAM's downsample of 64; then reading the kept tiles: CLAM's
   ``read_region`` + RGB loop against our ``TileDataset`` through a ``DataLoader`` with 0 and 2 workers.
   CLAM's own measured figures are quoted in the README.
+* **Extraction** (``extraction_case``): ``extract_patches`` (16 images of 1500², 10 or 64 patches of 50²,
+  some crossing the border) against ``copy_`` of the same number of bytes (ratio = copy / ours, goal ≥ 0.5).
 * **ATS step** (``ats_case``): an ATS training step at 1500² against its feature network's own forward +
   backward on the same number of patches (the ratio is feature net / step; the goal is ≥ 0.83).
 
@@ -46,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers_cases import ats_case, mil_case, peer_version, sparse_case
+from peers_cases import ats_case, extraction_case, mil_case, peer_version, sparse_case
 from peers_tiling import tiling_case
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
@@ -112,6 +114,9 @@ def plan(quick: bool) -> list[dict[str, Any]]:
                     }
                 )
     cases.append({"suite": "ats", "peer": "torch", **({"size": 300, "batch": 2} if quick else {})})
+    for n in (10, 64):  # ATS's 10 patches per image, and the 64 of the issue's CUDA goal
+        small = {"size": 200} if quick else {}
+        cases.append({"suite": "extraction", "peer": "torch", "n_patches": n, **small})
     tiling = {"suite": "tiling", "peer": "opencv-python-headless", **({"size": 2048} if quick else {})}
     for seg_um in (4.0, 16.0):  # our default thumbnail, CLAM's (downsample 64 at 0.25 µm/px)
         cases.append({**tiling, "step": "segment", "seg_um": seg_um})
@@ -131,6 +136,8 @@ def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
         ours, peer, info = tiling_case(**kw)
     elif case["suite"] == "ats":
         ours, peer, info = ats_case(**kw)
+    elif case["suite"] == "extraction":
+        ours, peer, info = extraction_case(**kw)
     else:
         ours, peer, info = sparse_case(**kw)
     extra = info.pop("extra_steps", {})
@@ -151,6 +158,9 @@ def label(row: dict[str, Any]) -> str:
     if row["suite"] == "ats":
         return (f"ATS training step, {row['batch']} × {row['size']}², vs its feature net's forward + "
                 f"backward on the same {row['patches_per_image']} patches of {row['patch']}² per image")
+    if row["suite"] == "extraction":
+        return (f"ATS patch extraction, {row['batch']} × {row['n_patches']} patches of {row['patch']}² "
+                f"from {row['size']}², vs a plain copy of the same bytes")
     if row["suite"] == "tiling":
         side = f"{row['slide_side']:,}²"
         if row["step"] == "segment":
@@ -176,6 +186,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         params = f"{r['params_ours']:,} / {r.get('params_peer', 0):,}" if "params_ours" in r else "—"
         if r["suite"] == "ats":
             check = "ratio = feature net / step (goal ≥ 0.83)"
+        elif r["suite"] == "extraction":
+            check = (f"ratio = copy / extraction (goal ≥ 0.5); {r['border_patches']} border patches; all "
+                     f"inside {fmt(r['ours_all_inside'])} ms; equal to a padded loop: {r['exact']}")
         elif r["suite"] == "tiling":
             if r["step"] == "segment":
                 check = f"tiles {r['tiles_ours']} / {r.get('tiles_peer', '—')}, IoU {r.get('tile_iou', '—')}"
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per side before timing")
     p.add_argument(
         "--suite",
-        choices=("all", "mil", "sparse_conv", "tiling", "ats"),
+        choices=("all", "mil", "sparse_conv", "tiling", "ats", "extraction"),
         default="all",
         help="run one suite only; its rows replace that suite's rows in --out, the others are kept",
     )
@@ -241,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "warmup": args.warmup,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%d"),
     }
     data = {
         "benchmark": "peers",
@@ -251,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "rows": rows,
     }
@@ -259,9 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in old.get("rows", []) if r.get("suite") != args.suite]
         data = {**old, "rows": kept + rows}
         data.setdefault("runs", {})[args.suite] = dict(run_meta)
+    else:
+        data["runs"] = {suite: dict(run_meta) for suite in sorted({r["suite"] for r in rows})}
     write_json(args.out, data)
     print(markdown(rows))
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (ratios shift between CPU families, so each run records its own)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -284,3 +284,47 @@ def ats_case(size: int = 1500, batch: int = 16) -> tuple[Step, Step, dict]:
     info = {"size": size, "batch": batch, "patches_per_image": sampler.n_patches, "patch": patch,
             "extra_steps": {"networks": networks_step}}  # fmt: skip
     return ours_step, feature_step, info
+
+
+# -- ATS patch extraction against a plain copy of the same bytes ---------------------------------------
+def extraction_case(
+    size: int = 1500, batch: int = 16, n_patches: int = 64, patch: int = 50
+) -> tuple[Step, Step, dict]:
+    """``extract_patches`` (16 images of 1500², 64 patches of 50² each, offsets drawn so that some patches
+    cross the border and are zero-padded) against ``copy_`` of a tensor with the output's shape: the floor
+    for any implementation that writes the patches. ``ratio`` = copy / extraction (goal ≥ 0.5: within 2×).
+    The result is first checked against a per-patch loop over a zero-padded image."""
+    import torch.nn.functional as F
+
+    from needlework.ats import extract_patches
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 1, size, size, generator=gen)
+    offsets = torch.randint(-patch // 2, size - patch // 2, (batch, n_patches, 2), generator=gen)
+    source = torch.rand(batch, n_patches, 1, patch, patch, generator=gen)
+    target = torch.empty_like(source)
+    want = torch.stack([
+        torch.stack([
+            F.pad(images[b], (patch,) * 4)[:, y + patch : y + 2 * patch, x + patch : x + 2 * patch]
+            for x, y in offsets[b].tolist()
+        ])
+        for b in range(batch)
+    ])  # fmt: skip
+    exact = bool(torch.equal(extract_patches(images, offsets, patch), want))
+    border = int(((offsets < 0) | (offsets > size - patch)).any(-1).sum())
+
+    def ours_step() -> None:
+        extract_patches(images, offsets, patch)
+
+    def copy_step() -> None:
+        target.copy_(source)
+
+    inside = offsets.clamp(0, size - patch)  # the same patches moved inside: the border work left out
+
+    def inside_step() -> None:
+        extract_patches(images, inside, patch)
+
+    info = {"size": size, "batch": batch, "n_patches": n_patches, "patch": patch, "output_bytes":
+            source.numel() * source.element_size(), "border_patches": border, "exact": exact,
+            "extra_steps": {"all_inside": inside_step}}  # fmt: skip
+    return ours_step, copy_step, info

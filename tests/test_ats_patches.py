@@ -15,7 +15,8 @@ def naive_patches(images: torch.Tensor, offsets: torch.Tensor, size: tuple[int, 
     B, C, *spatial = images.shape
     d = len(spatial)
     pad = max(size) + int(offsets.abs().max())
-    padded = torch.nn.functional.pad(images.double(), [pad] * (2 * d)).to(images.dtype)
+    wide = images.to(torch.complex128 if images.is_complex() else torch.float64)  # pad: no bool kernel
+    padded = torch.nn.functional.pad(wide, [pad] * (2 * d)).to(images.dtype)
     out = torch.zeros(B, offsets.shape[1], C, *size, dtype=images.dtype, device=images.device)
     for b in range(B):
         for k in range(offsets.shape[1]):
@@ -54,11 +55,19 @@ def test_exact_corners_and_axis_order():
     assert out[0, 0, 0].tolist() == [[0, 0], [0, 0]]
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float16, torch.float64, torch.int32])
+DTYPES = [torch.uint8, torch.int8, torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+          torch.int16, torch.int32, torch.int64, torch.complex64]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_any_dtype(dtype):
     gen = torch.Generator().manual_seed(1)
-    images = (torch.rand(2, 3, 9, 11, generator=gen) * 200).to(dtype)
+    images = torch.rand(2, 3, 9, 11, generator=gen) * 200 - (0 if dtype == torch.uint8 else 100)
+    if dtype.is_complex:
+        images = torch.complex(images, -images)
+    images = images.to(dtype)
     offsets = _offsets(2, 10, (9, 11), (4, 4), gen)
+    assert (offsets < 0).any(), "the draw must cross the border"
     out = extract_patches(images, offsets, 4)
     assert out.dtype == dtype
     assert torch.equal(out, naive_patches(images, offsets, (4, 4)))
