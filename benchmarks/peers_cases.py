@@ -120,25 +120,37 @@ def mil_case(
     tokens: dict[str, int] | None = None,
     matched: bool = True,
     seed: int = 0,
+    batch: int = 1,
 ) -> tuple[Step, Step | None, dict]:
-    """One bag of ``n`` instances ``(1, n, in_dim)``, label 1; Adam on both sides.
+    """``batch`` bags of up to ``n`` instances ``(batch, n, in_dim)``; Adam on both sides.
+
+    One bag has label 1. With ``batch > 1`` the labels alternate and the bags have lengths drawn in
+    ``[n/2, n]``, zero-padded with a padding mask (``True`` = real instance) given to both sides; TransMIL
+    gets full bags instead, since torchmil's ``TransMIL`` takes no mask.
 
     ABMIL / DSMIL embed to ``hidden``; TransMIL uses ``tokens`` (``dim``, ``heads``, ``landmarks``; default
     the reference's 512, 8, 256) and, with ``matched=False``, keeps the reference's output projection and
     value convolution that torchmil omits."""
     tokens = tokens or {"dim": 512, "heads": 8, "landmarks": 256}
     torch.manual_seed(seed)
-    bag, target = torch.randn(1, n, in_dim), torch.ones(1)
+    bag = torch.randn(batch, n, in_dim)
+    target = (torch.arange(batch) % 2 == 0).float()  # 1, 0, 1, …
+    mask = None
+    if batch > 1 and name != "transmil":
+        lengths = torch.randint(n // 2, n + 1, (batch,))
+        lengths[0] = n
+        mask = torch.arange(n) < lengths[:, None]  # (batch, n)
+        bag = bag * mask[..., None]
     ours = _ours_mil(name, in_dim, hidden, tokens, matched).train()
     opt = torch.optim.Adam(ours.parameters(), lr=1e-4)
 
     def ours_step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss, _ = ours.compute_loss(ours(bag), target[:, None])
+        loss, _ = ours.compute_loss(ours(bag, mask=mask), target[:, None])
         loss.backward()
         opt.step()
 
-    info: dict[str, Any] = {"params_ours": n_params(ours)}
+    info: dict[str, Any] = {"params_ours": n_params(ours), "padded": mask is not None}
     tm, reason = try_import("torchmil.models")
     if tm is None:
         info["skipped"] = reason
@@ -148,15 +160,15 @@ def mil_case(
     info["params_peer"] = n_params(peer)
     if _copy_weights(name, ours, peer):
         with torch.no_grad():
-            a = ours.eval()(bag)["logits"].flatten()
-            b = peer.eval()(bag).flatten()
+            a = ours.eval()(bag, mask=mask)["logits"].flatten()
+            b = (peer.eval()(bag) if mask is None else peer.eval()(bag, mask)).flatten()
         info["logit_max_abs_diff"] = float((a - b).abs().max())
         ours.train(), peer.train()
     peer_opt = torch.optim.Adam(peer.parameters(), lr=1e-4)
 
     def peer_step() -> None:
         peer_opt.zero_grad(set_to_none=True)
-        _, losses = peer.compute_loss(target, bag)
+        _, losses = peer.compute_loss(target, bag) if mask is None else peer.compute_loss(target, bag, mask)
         sum(losses.values()).backward()
         peer_opt.step()
 
@@ -293,7 +305,8 @@ def extraction_case(
     """``extract_patches`` (16 images of 1500², 64 patches of 50² each, offsets drawn so that some patches
     cross the border and are zero-padded) against ``copy_`` of a tensor with the output's shape: the floor
     for any implementation that writes the patches. ``ratio`` = copy / extraction (goal ≥ 0.5: within 2×).
-    The result is first checked against a per-patch loop over a zero-padded image."""
+    The result is first checked against a per-patch loop over a zero-padded image, the reference PyTorch
+    port's way (METHODS §1.1), which is also timed (``port_loop``)."""
     import torch.nn.functional as F
 
     from needlework.ats import extract_patches
@@ -303,13 +316,15 @@ def extraction_case(
     offsets = torch.randint(-patch // 2, size - patch // 2, (batch, n_patches, 2), generator=gen)
     source = torch.rand(batch, n_patches, 1, patch, patch, generator=gen)
     target = torch.empty_like(source)
-    want = torch.stack([
-        torch.stack([
-            F.pad(images[b], (patch,) * 4)[:, y + patch : y + 2 * patch, x + patch : x + 2 * patch]
-            for x, y in offsets[b].tolist()
-        ])
-        for b in range(batch)
-    ])  # fmt: skip
+    def port_step() -> torch.Tensor:  # the reference port's way: pad the whole batch, loop over patches
+        padded = F.pad(images, (patch,) * 4)
+        return torch.stack([
+            torch.stack([padded[b, :, y + patch : y + 2 * patch, x + patch : x + 2 * patch]
+                         for x, y in offsets[b].tolist()])
+            for b in range(batch)
+        ])  # fmt: skip
+
+    want = port_step()
     exact = bool(torch.equal(extract_patches(images, offsets, patch), want))
     border = int(((offsets < 0) | (offsets > size - patch)).any(-1).sum())
 
@@ -326,5 +341,5 @@ def extraction_case(
 
     info = {"size": size, "batch": batch, "n_patches": n_patches, "patch": patch, "output_bytes":
             source.numel() * source.element_size(), "border_patches": border, "exact": exact,
-            "extra_steps": {"all_inside": inside_step}}  # fmt: skip
+            "extra_steps": {"all_inside": inside_step, "port_loop": port_step}}  # fmt: skip
     return ours_step, copy_step, info

@@ -53,15 +53,22 @@ def test_quick_run_skips_missing_peers_and_still_times_ours(peers, monkeypatch, 
     assert peers.main(["--quick", "--reps", "1", "--warmup", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["suite"] for r in rows} == {"mil", "sparse_conv", "tiling", "ats"}
+    assert {r["suite"] for r in rows} == {"mil", "sparse_conv", "tiling", "ats", "extraction"}
     (ats,) = [r for r in rows if r["suite"] == "ats"]  # its "peer" is our own feature net: always timed
     assert ats["ratio"] > 0 and ats["patches_per_image"] == 10
-    rows = [r for r in rows if r["suite"] != "ats"]
+    extraction = [r for r in rows if r["suite"] == "extraction"]  # its "peer" is a plain copy: always timed
+    assert [r["n_patches"] for r in extraction] == [10, 64]
+    for r in extraction:  # equal to the port's padded loop, which is timed too; some patches cross the border
+        assert r["exact"] and r["border_patches"] > 0 and r["ratio"] > 0 and r["speedup_vs_port"] > 0
+        assert r["output_bytes"] == 4 * r["batch"] * r["n_patches"] * r["patch"] ** 2
+    rows = [r for r in rows if r["suite"] not in ("ats", "extraction")]
     tiling = [r for r in rows if r["suite"] == "tiling"]
     assert [(r["step"], r.get("seg_um"), r.get("workers")) for r in tiling] == [
         ("segment", 4.0, None), ("segment", 16.0, None), ("read", None, 0), ("read", None, 2)]
     assert all(r["reader"] == "tiffslide" and r["slide_side"] == 2048 for r in tiling)  # no OpenSlide
     assert {r.get("model") for r in rows if r["suite"] == "mil"} == {"abmil", "dsmil", "transmil"}
+    batched = {(r["model"], r["padded"]) for r in rows if r["suite"] == "mil" and r.get("batch", 1) > 1}
+    assert batched == {("abmil", True), ("dsmil", True), ("transmil", False)}  # torchmil's TransMIL: no mask
     for r in rows:
         assert set(r) >= ROW_KEYS
         assert r["peer_time"] is None and r["ratio"] is None and "not importable" in r["skipped"]
