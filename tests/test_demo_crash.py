@@ -137,3 +137,43 @@ def test_demo_end_to_end_through_both_curriculum_stages(tmp_path):
     assert "| test accuracy |" in (out / "report.md").read_text()
     assert (out / "saliency.png").stat().st_size > 10_000
     assert "test accuracy" in proc.stdout
+
+
+def test_ats_networks_train_in_channels_last_at_two_sizes_without_crashing():
+    """The ATS Megapixel-MNIST networks keep their weights channels-last (a 2× CPU speed-up, see
+    ``models/ats_networks.py``): train them through two input sizes in a subprocess, as the demo's BagNet
+    crashed at a size change, and check they match an NCHW copy."""
+    proc = run_python(
+        """
+        import copy, torch
+        import needlework
+        from needlework.data import MegapixelMNIST
+        torch.manual_seed(0)
+        model = needlework.create_model("ats.megapixel_mnist", num_classes=10)
+        nets = (model.sampler.attention_net, model.sampler.feature_net)
+        convs = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [m.weight for m in convs if m.in_channels > 1]
+        cl = torch.channels_last
+        assert convs and all(w.is_contiguous(memory_format=cl) and not w.is_contiguous() for w in convs)
+        nchw = copy.deepcopy(model.sampler.feature_net).to(memory_format=torch.contiguous_format)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for canvas in (200, 256, 200):
+            ds = MegapixelMNIST("train", size=2, canvas=canvas, n_noise=2)
+            items = [ds[i] for i in range(2)]
+            x_low = torch.stack([it["x_low"] for it in items])
+            x_high = torch.stack([it["x_high"] for it in items])
+            label = torch.tensor([it["label"] for it in items])
+            for _ in range(3):
+                loss, _ = model.compute_loss(model(x_low, x_high), label)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            assert torch.isfinite(loss)
+        nchw.load_state_dict(model.sampler.feature_net.state_dict())
+        patches = torch.randn(6, 1, 50, 50)
+        torch.testing.assert_close(model.sampler.feature_net(patches), nchw(patches), atol=1e-5, rtol=1e-4)
+        print("ok")
+        """
+    )
+    assert_ok(proc)
+    assert proc.stdout.strip().endswith("ok")

@@ -162,3 +162,25 @@ def test_multiresolution_offsets_and_gradients():
     assert all(float(n.weight.grad.abs().sum()) > 0 for n in nets)
     with pytest.raises(ValueError, match="resolutions"):
         model([x0, x1])
+
+
+def test_megapixel_mnist_features_pool_matches_amax_in_values_and_gradients():
+    """The global max pool (``adaptive_max_pool2d``, chosen for its cheap backward) against ``amax``."""
+    from needlework.models.ats_networks import MegapixelMNISTFeatures
+
+    torch.manual_seed(0)
+    net = MegapixelMNISTFeatures(channels=8).double()
+    x = torch.randn(3, 1, 20, 20, dtype=torch.float64)
+    x[0] = -10.0  # a patch whose maps are mostly zero after the ReLU: ties in the max
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(torch.amax(net.body(x), dim=(-2, -1)), dim=-1)
+
+    weights = torch.randn(3, 8, dtype=torch.float64)
+    got = net(x)
+    grads = torch.autograd.grad((got * weights).sum(), list(net.parameters()))
+    want = reference(x)
+    want_grads = torch.autograd.grad((want * weights).sum(), list(net.parameters()))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
