@@ -43,6 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "ats_vs_dense.json"
 
 
+def megapixel_batch(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch`` Megapixel MNIST images of ``size``² (noise digits scaled with the area as in the paper's
+    1500² setting): ``x_high`` ``(B, 1, size, size)``, ``x_low``, ``label`` ``(B,)``."""
+    from needlework.data import MegapixelMNIST
+
+    ds = MegapixelMNIST("train", size=batch, canvas=size, n_noise=max(1, round(50 * (size / 1500) ** 2)))
+    items = [ds[i] for i in range(batch)]
+    x_high = torch.stack([it["x_high"] for it in items])
+    x_low = torch.stack([it["x_low"] for it in items])
+    return x_high, x_low, torch.tensor([it["label"] for it in items])
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -54,16 +66,10 @@ def _rss_bytes() -> int:
 def run_case(method: str, size: int, batch: int, reps: int, threads: int, device: str = "cpu") -> dict:
     """One (method, size) case in this process; returns times and memory."""
     import needlework
-    from needlework.data import MegapixelMNIST
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    ds = MegapixelMNIST("train", size=batch, canvas=size, n_noise=max(1, round(50 * (size / 1500) ** 2)))
-    items = [ds[i] for i in range(batch)]
-    x_high = torch.stack([it["x_high"] for it in items])
-    x_low = torch.stack([it["x_low"] for it in items])
-    label = torch.tensor([it["label"] for it in items])
-    x_high, x_low, label = x_high.to(device), x_low.to(device), label.to(device)
+    x_high, x_low, label = (t.to(device) for t in megapixel_batch(size, batch))
     name = {"ats": "ats.megapixel_mnist", "dense": "dense.megapixel_mnist"}[method]
     model = needlework.create_model(name, num_classes=10).to(device)
     cuda = device.startswith("cuda")

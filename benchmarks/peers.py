@@ -86,6 +86,8 @@ def plan(quick: bool) -> list[dict[str, Any]]:
     for name in ("abmil", "dsmil", "transmil"):
         for n in mil_sizes:
             case = {"suite": "mil", "peer": "torchmil", "model": name, "bag_size": n, **mil_kw}
+            if not quick and name != "transmil":
+                case["min_seconds"] = 1.5
             if name == "transmil" and n >= 10_000:  # ~8 s a step on one core: fewer repeats
                 case.update(reps=5, warmup=1)
             cases.append(case)
@@ -94,6 +96,8 @@ def plan(quick: bool) -> list[dict[str, Any]]:
     for name in ("abmil", "dsmil", "transmil"):
         for batch in (1, 8):
             case = {"suite": "mil", "peer": "torchmil", "model": name, "bag_size": n_batch, "batch": batch}
+            if not quick and name != "transmil":
+                case["min_seconds"] = 1.5
             if name == "transmil" and batch > 1 and not quick:  # ~10 s a step: fewer repeats
                 case.update(reps=5, warmup=1)
             cases.append({**case, **mil_kw})
@@ -138,7 +142,8 @@ def plan(quick: bool) -> list[dict[str, Any]]:
 def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
     if "reps" in case:  # a per-case count, never above --reps
         reps, warmup = min(reps, case["reps"]), min(warmup, case["warmup"])
-    kw = {k: v for k, v in case.items() if k not in ("suite", "peer", "model", "bag_size", "reps", "warmup")}
+    skip = ("suite", "peer", "model", "bag_size", "reps", "warmup", "min_seconds")
+    kw = {k: v for k, v in case.items() if k not in skip}
     if case["suite"] == "mil":
         ours, peer, info = mil_case(case["model"], case["bag_size"], **kw)
     elif case["suite"] == "tiling":
@@ -150,6 +155,10 @@ def run_case(case: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
     else:
         ours, peer, info = sparse_case(**kw)
     extra = info.pop("extra_steps", {})
+    if case.get("min_seconds"):  # steps of a few ms: enough repeats for ~min_seconds per side (odd count)
+        t0 = time.perf_counter()
+        ours()
+        reps = max(reps, min(101, int(case["min_seconds"] / max(time.perf_counter() - t0, 1e-6)) | 1))
     ours_t, peer_t = time_pair(ours, peer, reps, warmup)
     row = {**case, **info, "peer_version": peer_version(case["peer"]), "ours": ours_t, "peer_time": peer_t}
     row["ratio"] = peer_t["median_s"] / ours_t["median_s"] if peer_t else None

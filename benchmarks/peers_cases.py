@@ -267,14 +267,10 @@ def ats_case(size: int = 1500, batch: int = 16) -> tuple[Step, Step, dict]:
     image, features, expectation, classifier, loss, Adam) against the part no implementation can avoid:
     its feature network's forward + backward on the same number of patches. ``ratio`` = feature network /
     step (the goal: the step within 1.2× of the feature network, a ratio of at least 0.83)."""
-    from needlework.data import MegapixelMNIST
+    from ats_vs_dense import megapixel_batch  # the same images as benchmarks/ats_vs_dense.py
 
     torch.manual_seed(0)
-    ds = MegapixelMNIST("train", size=batch, canvas=size, n_noise=max(1, round(50 * (size / 1500) ** 2)))
-    items = [ds[i] for i in range(batch)]
-    x_high = torch.stack([it["x_high"] for it in items])
-    x_low = torch.stack([it["x_low"] for it in items])
-    label = torch.tensor([it["label"] for it in items])
+    x_high, x_low, label = megapixel_batch(size, batch)
     model = needlework.create_model("ats.megapixel_mnist", num_classes=10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sampler = model.sampler
