@@ -28,9 +28,9 @@ def _channels_last(net: nn.Module) -> None:
     and the next layers follow: forward + backward of these narrow (8- and 32-channel) stride-1 3×3 / 7×7
     stacks measured 1.3× (features) and 1.8× (attention) faster on a Xeon CPU, A/B in one process.
     Outputs are the same up to float rounding; ``.to(device)`` / ``load_state_dict`` keep the layout.
-    These layers
-    avoid the strided 1×1 kernel that crashes in channels-last on AVX-512 CPUs (``models/layers.py``);
-    ``tests/test_models_ats.py`` trains them in a subprocess at two input sizes so a crash fails the test.
+    These layers avoid the strided 1×1 kernel that crashes in channels-last on AVX-512 CPUs
+    (``models/layers.py``); ``tests/test_demo_crash.py`` trains them in a subprocess at two input sizes
+    so a crash fails the test.
     """
     net.to(memory_format=torch.channels_last)
 
